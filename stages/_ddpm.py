@@ -1,0 +1,49 @@
+"""What pretrain_ddpm and train_robust_ddpm share: the same network, data, noise, seed and
+budget; only the loss differs, so `dvc metrics diff` between them isolates the loss."""
+
+from __future__ import annotations
+
+import torch
+
+from _common import ROOT, torch_generator
+from anodiff import data, io
+from anodiff.config import to_dict
+from anodiff.noise import noise_kwargs
+from anodiff.schedule import Schedule
+from anodiff.train import pick_device, save_ddpm, train_ddpm
+from anodiff.unet import UNet
+
+PREPARED = ROOT / "data/prepared"
+
+
+def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1.0, lts_keep: float = 1.0):
+    cfg = params.ddpm
+    rows = data.load_rows(PREPARED)
+    rows = rows[rows["ddpm_train"] == 1].reset_index(drop=True)
+    images = data.load_images(PREPARED, rows, params.data.channels)
+    n_anomalous = int((rows["label"] == "anomalous").sum())
+    print(f"{stage}: {len(rows)} training images ({n_anomalous} anomalous hidden among them), loss={loss}")
+
+    # The same seed in both stages: identical initial weights, batches, t and noise.
+    torch.manual_seed(params.seed)
+    model = UNet.from_config(cfg, params.data.channels, images.shape[-1])
+    schedule = Schedule.from_config(cfg)
+    generator = torch_generator(params.seed, offset=1)
+    kw = noise_kwargs(cfg.noise, cfg)
+    result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, cfg=cfg, generator=generator,
+                        device=pick_device(), stage_name=stage, huber_delta=huber_delta,
+                        lts_keep=lts_keep, noise_kw=kw)
+    meta = {
+        "stage": stage, "loss": loss, "huber_delta": huber_delta, "lts_keep": lts_keep,
+        "noise": cfg.noise, "noise_kw": kw,
+        "schedule": {"timesteps": cfg.timesteps, "kind": cfg.schedule,
+                     "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
+        "seed": params.seed, "ddpm": to_dict(cfg), "n_train": len(rows), "n_anomalous": n_anomalous,
+    }
+    save_ddpm(ckpt_path, result.model, result.ema_model, result.optimizer, result.summary["steps"],
+              generator.get_state(), model.arch_config(), meta)
+    name = stage if stage.startswith("train_") else f"train_{stage}"
+    io.write_csv(ROOT / f"plots/{stage}/loss.csv", result.history[["step", "epoch", "loss"]])
+    summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.summary.items()}
+    io.write_json(ROOT / f"metrics/{name}.json", {**summary, "n_train": len(rows), "n_anomalous": n_anomalous})
+    print(f"{stage}: final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.1f} images/s")

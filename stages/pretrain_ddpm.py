@@ -1,0 +1,8 @@
+"""pretrain_ddpm: the DDPM trained with the plain MSE loss (Ho et al. 2020) on the DDPM's
+unlabeled training set (normal images plus `data.contamination` hidden anomalous ones)."""
+
+from _common import ROOT, run_stage
+from _ddpm import train_stage
+
+if __name__ == "__main__":
+    run_stage(lambda p: train_stage(p, "pretrain_ddpm", "mse", ROOT / "data/models/ddpm.pt"))
