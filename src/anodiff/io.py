@@ -135,16 +135,24 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def load_image_uint8(path, size: int, channels: int) -> np.ndarray:
     """(size, size, channels) uint8, resized with bicubic antialiasing."""
-    img = to_mode(_open(path), channels)
+    return load_image_with_size(path, size, channels)[0]
+
+
+def load_image_with_size(path, size: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image_uint8` plus the file's original (width, height), from one decode."""
+    img = _open(path)
+    original = img.size
+    img = to_mode(img, channels)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return (arr[:, :, None] if arr.ndim == 2 else arr), original
 
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    # np.array copies: arrays from PIL are read-only, which torch.from_numpy warns about
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -164,12 +172,18 @@ def image_size_of(path) -> tuple[int, int]:
 
 def read_mask(path, size: int) -> np.ndarray:
     """(size, size) uint8 in {0, 1}; any non-zero pixel is defect. Nearest resize keeps it binary."""
+    return read_mask_with_size(path, size)[0]
+
+
+def read_mask_with_size(path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`read_mask` plus the file's original (width, height), from one decode."""
     img = _open(path)
+    original = img.size
     arr = np.asarray(to_mode(img, 1), dtype=np.uint8)
     img = Image.fromarray((arr > 0).astype(np.uint8) * 255, "L")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.NEAREST)
-    return (np.asarray(img) > 127).astype(np.uint8)
+    return (np.asarray(img) > 127).astype(np.uint8), original
 
 
 def write_png(path, arr: np.ndarray) -> None:

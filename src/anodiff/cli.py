@@ -1,0 +1,116 @@
+"""`anodiff predict`: apply a trained method to new images.
+
+    anodiff predict --method ddpm slab1.png slab2.png folder/ --out predictions/
+
+Uses the pipeline's outputs: the DDPM checkpoint (and the GAN generator for `gan`), the
+normal-image statistics and settings stored by `infer` in data/maps/<method>/, and the
+thresholds chosen on the validation split in metrics/<method>.json. Writes one heat-map
+overlay PNG per image and predictions.csv (path, score, anomalous at the chosen threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from anodiff import io, plots
+from anodiff.detector import Detector, InferSettings
+from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = io.list_images(p)
+            if not found:
+                raise DataError(f"{p}: folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def load_detector(args) -> tuple[Detector, dict]:
+    maps_dir = Path(args.maps or f"data/maps/{args.method}")
+    ddpm = Path(args.checkpoint or f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt")
+    generator = Path(args.generator or "data/models/gan_generator.pt") if args.method == "gan" else None
+    meta_path, npz_path = maps_dir / "meta.json", maps_dir / "maps.npz"
+    for p in (meta_path, npz_path):
+        if not p.exists():
+            raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
+    meta = io.read_json(meta_path)
+    settings = InferSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    det = Detector.load(ddpm, settings, generator_path=generator, device=device)
+    arrays = io.load_npz(npz_path)
+    if settings.normalize:
+        if arrays.get("stats_mean") is None or arrays["stats_mean"].shape[-1] != det.image_size:
+            raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} "
+                                  f"(image size {det.image_size}); rerun `dvc repro infer@{args.method}`")
+        det.set_stats_arrays(arrays)
+    metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
+    thresholds = {"pixel": None, "image": None}
+    if metrics_path.exists():
+        thresholds.update(io.read_json(metrics_path).get("thresholds", {}))
+    if args.threshold is not None:
+        thresholds["image"] = args.threshold
+    return det, thresholds
+
+
+def predict(args) -> int:
+    files = collect_inputs(args.inputs)
+    det, thr = load_detector(args)
+    images = []
+    for f in files:  # read everything first: a bad image stops before anything is written
+        images.append(io.read_image(f, det.image_size, det.channels))
+    x = torch.stack(images)
+    generator = torch.Generator().manual_seed(args.seed)
+    raw, recon = det.raw_maps(x, generator, progress=not args.quiet, desc="predict")
+    maps, scores = det.finish(raw)
+    out = Path(args.out)
+    names = [f"{i:04d}_{f.stem}.png" for i, f in enumerate(files)]
+    with io.atomic_dir(out) as tmp:
+        for name, img, rec, m in zip(names, x, recon, maps):
+            plots.write_overlay(tmp / name, io.tensor_to_uint8(img), io.tensor_to_uint8(rec),
+                                m[0].numpy(), thr["pixel"])
+        table = pd.DataFrame({"path": [str(f) for f in files], "overlay": names,
+                              "score": scores.numpy().round(6)})
+        table["anomalous"] = (table["score"] >= thr["image"]) if thr["image"] is not None else pd.NA
+        io.write_csv(tmp / "predictions.csv", table)
+    print(f"wrote {len(files)} overlays and predictions.csv to {out}"
+          + ("" if thr["image"] is not None else " (no threshold: run evaluate first or pass --threshold)"))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="anodiff", description="Defect segmentation with diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="anomaly maps and scores for new images")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--method", choices=("ddpm", "rddpm", "gan"), default="ddpm")
+    p.add_argument("--out", default="predictions", help="output folder (replaced whole)")
+    p.add_argument("--checkpoint", help="DDPM checkpoint (default data/models/<ddpm|rddpm>.pt)")
+    p.add_argument("--generator", help="GAN generator checkpoint (method gan)")
+    p.add_argument("--maps", help="folder written by infer (default data/maps/<method>)")
+    p.add_argument("--metrics", help="metrics JSON holding the thresholds (default metrics/<method>.json)")
+    p.add_argument("--threshold", type=float, help="image-score threshold (overrides the chosen one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return predict(args)
+    except (AnodiffError, BadImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

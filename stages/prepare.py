@@ -1,0 +1,19 @@
+"""prepare: data.source (the embedded marble set or a folder) -> data/prepared/ (images, masks,
+manifest.csv) and plots/prepare_samples.png. Bad input fails before data/prepared changes."""
+
+from _common import ROOT, run_stage
+
+from anodiff import data, io, plots
+
+
+def main(p):
+    out = ROOT / "data" / "prepared"
+    with io.atomic_dir(out) as tmp:  # replaced whole on success, untouched on any error
+        manifest = data.prepare(p, tmp)
+    images, masks, labels = data.grid_samples(out, manifest, p.data.image_size)
+    plots.sample_grid(images, masks, labels, ROOT / "plots" / "prepare_samples.png")
+    print(data.describe(manifest))
+
+
+if __name__ == "__main__":
+    run_stage(main)

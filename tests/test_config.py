@@ -1,0 +1,96 @@
+"""params.yaml is checked once: unknown keys, wrong types, out-of-range values name the key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from anodiff.config import Params, load_params, parse_params, to_dict
+from anodiff.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.image_size == 64 and p.synth.n_test_normal == 40
+    assert p.data.marble_anomalous == ("crack", "dot")  # lists become tuples
+    assert isinstance(p.gan.lr, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.data.image_size = 32
+
+
+def test_missing_keys_take_defaults():
+    assert parse_params({}) == Params()
+    assert parse_params({"data": {"image_size": 32}}).data.image_size == 32
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"data": {"imagesize": 64}}, "data.imagesize"),             # the typo dvc exp run -S accepts
+    ({"sed": 1}, "sed"),
+    ({"data": {"augment": {"flip": 0.5}}}, "data.augment.flip"),
+])
+def test_unknown_key_is_named(raw, key):
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: unknown key; allowed under"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"data": {"image_size": "64"}}, "data.image_size"),
+    ({"data": {"image_size": 64.5}}, "data.image_size"),
+    ({"data": {"channels": True}}, "data.channels"),                # bool is not 1
+    ({"data": {"skip_bad_files": "yes"}}, "data.skip_bad_files"),
+    ({"gan": {"lr": "fast"}}, "gan.lr"),
+    ({"data": {"marble_normal": "good"}}, "data.marble_normal"),
+    ({"data": {"augment": {"brightness": [0.9]}}}, "data.augment.brightness"),
+    ({"data": "big"}, "data"),
+])
+def test_wrong_type_is_named(raw, key):
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: "):
+        parse_params(raw)
+
+
+def test_choice_lists_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"ddpm\.noise: 'pink' is not one of 'gaussian', 'simplex'"):
+        parse_params({"ddpm": {"noise": "pink"}})
+    with pytest.raises(ConfigError, match=r"data\.layout: 'kaggle' is not one of 'auto', 'mvtec'"):
+        parse_params({"data": {"layout": "kaggle"}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"data": {"contamination": 1.0}}, "data.contamination"),
+    ({"data": {"contamination": -0.1}}, "data.contamination"),
+    ({"data": {"val_fraction": 0}}, "data.val_fraction"),
+    ({"data": {"augment": {"flip_p": 1.5}}}, "data.augment.flip_p"),
+    ({"synth": {"n_test_normal": 0}}, "synth.n_test_normal"),
+    ({"data": {"image_size": 4}}, "data.image_size"),
+])
+def test_out_of_range_is_named(raw, key):
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: .* is out of range; allowed: "):
+        parse_params(raw)
+
+
+def test_cross_field_checks_name_both_keys():
+    with pytest.raises(ConfigError, match=r"infer\.t_start: 300 must be below ddpm\.timesteps \(300\)"):
+        parse_params({"infer": {"t_start": 300}})
+    with pytest.raises(ConfigError, match=r"data\.augment\.brightness"):
+        parse_params({"data": {"augment": {"brightness": [1.1, 0.9]}}})
+    with pytest.raises(ConfigError, match=r"data\.image_size: 30 must be divisible by 4"):
+        parse_params({"data": {"image_size": 30}})
+
+
+def test_load_params_file_errors(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  imagesize: 64\n")
+    with pytest.raises(ConfigError, match=r"data\.imagesize: unknown key"):
+        load_params(path)
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_to_dict_round_trips():
+    p = parse_params({"seed": 3, "data": {"image_size": 32}})
+    assert parse_params(to_dict(p)) == p
