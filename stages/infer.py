@@ -44,14 +44,18 @@ def main(params, method: str) -> None:
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
     meta = {"method": method, "settings": settings.as_dict(), "plan": det.plan(),
-            "noise": "gan" if gen_path else det.noise_kind, "n_images": len(rows), "device": str(device),
-            "seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, len(rows)), 5)}
+            "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
+            "channels": det.channels, "n_images": len(rows)}
+    # timing lives beside the metrics, not in data/maps, so the maps are the same bytes every run
+    timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, len(rows)), 5),
+              "images_per_s": round(len(rows) / max(seconds, 1e-9), 3), "device": str(device)}
     with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
         io.save_npz(out / "maps.npz", maps=final[:, 0].numpy().astype(np.float32),
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **det.stats_arrays())
         io.write_csv(out / "scores.csv", table)
         io.write_json(out / "meta.json", meta)
-    print(f"infer@{method}: {len(rows)} images, {meta['seconds_per_image']:.3f} s/image on {device}")
+    io.write_json(ROOT / f"metrics/infer_{method}.json", timing)
+    print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class DDPM:
     attention_resolutions: tuple[int, ...] = F((16,))
     epochs: int = F(30, lo=1)
     batch_size: int = F(16, lo=1)
+    train_crop: int = F(32, lo=0)
     lr: float = F(3e-4, lo=0, lo_open=True)
     grad_clip: float = F(1.0, lo=0, lo_open=True)
     ema_decay: float = F(0.995, lo=0, hi=1, hi_open=True)
@@ -119,6 +120,7 @@ class GAN:
     base_channels: int = F(32, lo=1)
     n_blocks: int = F(4, lo=1)
     grad_clip: float = F(1.0, lo=0, lo_open=True)
+    crop: int = F(32, lo=0)
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,15 @@ class Params:
             raise ConfigError("params.yaml: ddpm.beta_start must be below ddpm.beta_end")
         size = self.data.image_size
         factor = 2 ** (len(self.ddpm.channel_mults) - 1)
-        if size % factor:
-            raise ConfigError(f"params.yaml: data.image_size: {size} must be divisible by {factor} "
-                              f"(2 ** (len(ddpm.channel_mults) - 1))")
+        for key, value in [("data.image_size", size), ("ddpm.train_crop", self.ddpm.train_crop),
+                           ("gan.crop", self.gan.crop)]:
+            if value % factor:
+                raise ConfigError(f"params.yaml: {key}: {value} must be divisible by {factor} "
+                                  f"(2 ** (len(ddpm.channel_mults) - 1))")
+        for key, value in [("ddpm.train_crop", self.ddpm.train_crop), ("gan.crop", self.gan.crop)]:
+            if value > size:
+                raise ConfigError(f"params.yaml: {key}: {value} is larger than data.image_size ({size}); "
+                                  "use 0 to train on whole images")
 
 
 def _type_name(tp) -> str:

@@ -1,7 +1,11 @@
-"""Figures written to plots/: sample grids with mask outlines (more to come)."""
+"""Figures written to plots/: sample grids with mask outlines, anomaly-map overlays."""
 
 from __future__ import annotations
 
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures go straight to files
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -64,3 +68,78 @@ def sample_grid(images_uint8, masks, labels, path, ncol: int = 8) -> None:
     for r, lab in enumerate(rows):
         draw.text((4, pad + r * (tile + pad) + tile // 2 - 6), lab, fill=(0, 0, 0))
     io.write_png(path, np.asarray(canvas))
+
+
+def heat(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 colours, scaled to [vmin, vmax]."""
+    scaled = np.clip((np.asarray(amap, np.float64) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    return (plt.get_cmap(cmap)(scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def blend(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    image = np.asarray(image, np.uint8)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return (image * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def _panels(image, recon, amap, mask, threshold, vmin, vmax, scale):
+    """input (mask outlined) | reconstruction | heat map over the input, prediction outlined."""
+    pred = None if threshold is None else np.asarray(amap) >= threshold
+    over = outline(blend(image, heat(amap, vmin, vmax)), pred, 1)
+    return [outline(image, mask, scale), outline(recon, None, scale),
+            over.repeat(scale, 0).repeat(scale, 1)]
+
+
+def _save(fig, path) -> None:
+    with io.atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100, metadata={"Software": None})  # same bytes every run
+    plt.close(fig)
+
+
+def write_overlay(path, image, recon, amap, threshold=None) -> None:
+    """One image's input, reconstruction and heat-map overlay side by side (for predict)."""
+    vmin, vmax = float(np.percentile(amap, 1)), float(np.max(amap))
+    if threshold is not None:
+        vmax = max(vmax, 2 * threshold)
+    scale = max(1, 192 // image.shape[0])
+    tiles = _panels(image, recon, amap, None, threshold, vmin, vmax, scale)
+    sep = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    io.write_png(path, np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], axis=1))
+
+
+def overlay_grid(images, recon, maps, masks, scores, labels, threshold, path, title="", n_best=4,
+                 n_worst=4, n_normal=2) -> None:
+    """Test images as columns: best-scored and worst-scored anomalous ones, and the normal
+    images with the highest scores (false alarms); rows: input with the true defect outlined
+    in red, reconstruction, heat map with the thresholded prediction outlined."""
+    labels = np.asarray(labels)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    anomalous = [i for i in order if labels[i] == 1]
+    normal = [i for i in order if labels[i] == 0]
+    picks = [("best", i) for i in anomalous[:n_best]]
+    picks += [("worst", i) for i in anomalous[::-1][:n_worst] if i not in anomalous[:n_best]]
+    picks += [("normal", i) for i in normal[:n_normal]]
+    if not picks:
+        return
+    maps = np.asarray(maps)
+    vmin = float(np.percentile(maps, 50))
+    vmax = float(np.percentile(maps, 99.9))
+    if threshold is not None:
+        vmax = max(vmax, threshold * 1.5)
+    fig, axes = plt.subplots(3, len(picks), figsize=(1.6 * len(picks), 5.2), squeeze=False)
+    for col, (kind, i) in enumerate(picks):
+        img = io.tensor_to_uint8(images[i])
+        mask = None if masks is None else masks[i]
+        tiles = _panels(img, recon[i], maps[i], mask, threshold, vmin, vmax, 1)
+        for row, tile in enumerate(tiles):
+            ax = axes[row, col]
+            ax.imshow(tile, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"{kind}\nscore {scores[i]:.2f}", fontsize=7)
+    for row, name in enumerate(["input + truth", "reconstruction", "map + prediction"]):
+        axes[row, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{title}: test images (red = true defect / predicted region)", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

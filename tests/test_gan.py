@@ -1,0 +1,236 @@
+"""Exact expectations for anodiff.gan on tiny models (8 px, a few channels)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from anodiff import gan as G
+from anodiff.config import GAN
+from anodiff.errors import CheckpointError, TrainingDiverged
+from anodiff.schedule import Schedule
+from anodiff.unet import UNet
+
+C, S = 3, 8  # channels, image side
+
+
+def _cfg(**kw):
+    base = dict(lr=1e-3, batch_size=4, epochs=1, n_critic=2, gp_weight=10.0, mse_weight=1.0, t=6,
+                denoise_steps=2, bound=1.5, base_channels=4, n_blocks=2, grad_clip=1.0)
+    return GAN(**{**base, **kw})
+
+
+def _ddpm():
+    torch.manual_seed(0)
+    return UNet(C, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), image_size=S)
+
+
+def _nets(residual=False):
+    torch.manual_seed(1)
+    return G.NoiseGenerator(C, 4, 2, 1.5, residual=residual), G.Critic(C, 4)
+
+
+def _images(n, seed):
+    return torch.rand((n, C, S, S), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+SCHEDULE = Schedule(20, "linear", 1e-4, 0.02)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: threads only add synchronisation, and thrash when the CPU is shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- gradient penalty
+class Linear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return (x.flatten(1) * self.w).sum(1)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 2.5])
+def test_gradient_penalty_of_a_linear_critic_is_norm_minus_one_squared(scale):
+    w = torch.randn(C * S * S, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w = w / w.norm() * scale
+    real, fake = _images(5, 1).double(), _images(5, 2).double()
+    gp = G.gradient_penalty(Linear(w), real, fake, torch.Generator().manual_seed(0))
+    assert gp.item() == pytest.approx((scale - 1) ** 2, abs=1e-12)
+
+
+def test_gradient_penalty_draws_one_weight_per_sample_and_flattens_each_sample():
+    # D(x) = 0.5 ||x||^2: grad at x_hat_i is x_hat_i, so its norm depends on the sample's own alpha_i
+    critic = lambda x: 0.5 * x.flatten(1).pow(2).sum(1)  # noqa: E731
+    real, fake = _images(6, 1).double(), _images(6, 2).double()
+    gp = G.gradient_penalty(critic, real, fake, torch.Generator().manual_seed(7))
+    alpha = torch.rand(6, 1, 1, 1, generator=torch.Generator().manual_seed(7)).double()
+    x_hat = alpha * real + (1 - alpha) * fake
+    expected = ((x_hat.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    assert gp.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_critic_loss_is_fake_minus_real_plus_weighted_penalty():
+    w = torch.full((C * S * S,), 0.01)
+    critic = Linear(w)
+    real, fake = _images(4, 1), _images(4, 2)
+    loss, stats = G.critic_loss(critic, real, fake, 10.0, torch.Generator().manual_seed(0))
+    d_real, d_fake = critic(real).mean(), critic(fake).mean()
+    gp = (w.norm() - 1) ** 2
+    assert loss.item() == pytest.approx((d_fake - d_real + 10 * gp).item(), rel=1e-5)
+    assert stats["wasserstein"] == pytest.approx((d_real - d_fake).item(), rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(w.norm().item(), rel=1e-5)
+    # the critic is trained to score the real (normal) side high: its loss falls as D(real) rises
+    loss.backward()
+    assert torch.allclose(critic.w.grad, (fake - real).flatten(1).mean(0) + 10 * 2 * (w.norm() - 1) * w / w.norm(),
+                          atol=1e-6)
+
+
+# ---------------------------------------------------------------------- networks
+def test_generator_output_is_bounded_signed_and_same_shape_even_for_extreme_inputs():
+    net, _ = _nets()
+    x = _images(4, 0)
+    for z in (x, x * 1e6, x - 1e6, torch.full_like(x, 1e15), torch.zeros_like(x)):
+        out = net(z)
+        assert out.shape == z.shape
+        assert torch.isfinite(out).all() and out.abs().max() <= net.bound
+    out = net(x * 1e3)
+    assert (out < 0).any() and (out > 0).any()  # no final ReLU: the noise can be negative
+
+
+def test_generator_residual_blocks_use_their_convolutions():
+    net, _ = _nets()
+    x = _images(2, 0)
+    block = net.blocks[0]
+    h = net.conv_in(x)
+    before = block(h)
+    with torch.no_grad():
+        block.conv1.weight.add_(0.5)
+    assert not torch.allclose(block(h), before)
+
+
+def test_critic_has_no_sigmoid_no_batch_norm_and_any_batch_and_size():
+    _, critic = _nets()
+    assert not any(isinstance(m, (nn.Sigmoid, nn.modules.batchnorm._BatchNorm)) for m in critic.modules())
+    for b, side in [(1, 8), (3, 16), (5, 24)]:
+        assert critic(torch.randn(b, C, side, side)).shape == (b,)
+    out = critic(_images(8, 0) * 1e3)
+    assert ((out < 0) | (out > 1)).any()  # a score, not a probability
+    # a batch of one scores each sample as in a batch: no coupling between samples
+    x = _images(4, 0)
+    assert torch.allclose(critic(x)[1:2], critic(x[1:2]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- gradient through the DDPM
+@pytest.mark.parametrize("mse_target", G.MSE_TARGETS)
+def test_mse_term_reaches_the_generator_through_the_frozen_ddpm(mse_target):
+    ddpm = _ddpm().eval().requires_grad_(False)
+    net, critic = _nets()
+    adv, mse = G.generator_terms(net, critic, ddpm, SCHEDULE, _images(3, 0), _images(3, 1), 6, 2,
+                                 torch.Generator().manual_seed(0), mse_target)
+    mse.backward()  # the MSE term alone: its only path to G is the denoising
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert net.conv_in.weight.grad.abs().sum() > 0  # all the way back to G's first layer
+    assert all(p.grad is None for p in ddpm.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ddpm = _ddpm().eval().requires_grad_(False)
+    grads = []
+    for ckpt in (False, True):
+        net, critic = _nets()
+        _, mse = G.generator_terms(net, critic, ddpm, SCHEDULE, _images(2, 0), _images(2, 1), 6, 2,
+                                   torch.Generator().manual_seed(0), "gaussian", checkpoint=ckpt)
+        mse.backward()
+        grads.append(net.conv_in.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_residual_generator_starts_as_gaussian_noise_with_zero_mse():
+    ddpm = _ddpm().eval()
+    net, critic = _nets(residual=True)
+    x = _images(3, 0)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(net(x, eps), eps)
+    assert torch.equal(G.noise_for(net, x, torch.Generator().manual_seed(4)), eps)
+    _, mse = G.generator_terms(net, critic, ddpm, SCHEDULE, x, x, 6, 2, torch.Generator().manual_seed(0), "gaussian")
+    assert mse.item() == 0.0
+
+
+# ---------------------------------------------------------------------- training
+def _train(cfg, anomalous, normal, seed=0, **kw):
+    ddpm = _ddpm()
+    net, critic = _nets(kw.pop("residual", False))
+    history, summary = G.train_gan(net, critic, ddpm, SCHEDULE, anomalous, normal, cfg,
+                                   torch.Generator().manual_seed(seed), "cpu", progress=False, **kw)
+    return net, ddpm, history, summary
+
+
+def test_a_generator_step_changes_the_generator_and_leaves_the_ddpm_bit_identical():
+    ddpm = _ddpm()
+    ddpm.train()
+    before = {k: v.clone() for k, v in ddpm.state_dict().items()}
+    net, critic = _nets()
+    g_before = {k: v.clone() for k, v in net.state_dict().items()}
+    history, summary = G.train_gan(net, critic, ddpm, SCHEDULE, _images(4, 0), _images(6, 1), _cfg(),
+                                   torch.Generator().manual_seed(0), "cpu", progress=False)
+    assert len(history) == 1
+    assert any(not torch.equal(v, g_before[k]) for k, v in net.state_dict().items())
+    after = ddpm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert summary["ddpm_checksum"] == G.state_checksum(ddpm)
+    # the DDPM is handed back as it came (mode and trainable flags)
+    assert ddpm.training and all(p.requires_grad for p in ddpm.parameters())
+
+
+def test_partial_batches_and_a_normal_set_smaller_than_a_batch():
+    # 5 anomalous with batch 4: steps of 4 and 1; 3 normal images: sampled with replacement
+    cfg = _cfg(epochs=2)
+    _, _, history, summary = _train(cfg, _images(5, 0), _images(3, 1), mse_target="paired")
+    assert list(history.columns) == G.HISTORY_COLUMNS
+    assert list(history.step) == [0, 1, 2, 3] and list(history.epoch) == [0, 0, 1, 1]
+    assert history.drop(columns=["step", "epoch"]).map(math.isfinite).all().all()
+    assert summary["steps"] == 4 and summary["images_per_s"] > 0
+
+
+def test_training_is_reproducible_from_the_seed():
+    cfg = _cfg()
+    a = _train(cfg, _images(4, 0), _images(4, 1))[2]
+    b = _train(cfg, _images(4, 0), _images(4, 1))[2]
+    assert a.equals(b)
+
+
+def test_nan_guard_names_the_stage_step_and_losses():
+    anomalous = _images(4, 0)
+    anomalous[1, 0, 2, 2] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"train_gan_noise: step 0 .*not finite.*critic_loss="):
+        _train(_cfg(), anomalous, _images(4, 1))
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_save_load_round_trip_and_refusals(tmp_path):
+    net, _ = _nets(residual=False)
+    path = tmp_path / "gan_generator.pt"
+    G.save_generator(path, net, net.arch_config(), {"ddpm_checksum": "abc", "t": 6})
+    loaded, ckpt = G.load_generator(path, "cpu", expect_arch={"channels": C, "bound": 1.5})
+    x = _images(2, 0)
+    assert torch.equal(loaded(x), net.eval()(x)) and ckpt["meta"]["t"] == 6
+    assert torch.load(path, weights_only=True)["arch"] == net.arch_config()
+    with pytest.raises(CheckpointError, match="bound: saved 1.5, expected 2.0"):
+        G.load_generator(path, expect_arch={"bound": 2.0})
+    bad = torch.load(path, weights_only=True)
+    bad["arch"]["base_channels"] = 8
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not match its arch"):
+        G.load_generator(tmp_path / "bad.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a GAN generator"):
+        G.load_generator(tmp_path / "other.pt")

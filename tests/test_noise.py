@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from anodiff.noise import gaussian, make_noise, noise_kwargs, simplex
+
+SHAPE = (4, 3, 32, 32)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _neighbour_corr(z):
+    """Correlation between horizontally adjacent pixels, pooled over the batch."""
+    a, b = z[..., :, :-1].flatten(), z[..., :, 1:].flatten()
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "simplex"])
+def test_shape_dtype_and_determinism(kind):
+    a = make_noise(kind, SHAPE, _gen(0))
+    b = make_noise(kind, SHAPE, _gen(0))
+    c = make_noise(kind, SHAPE, _gen(1))
+    assert a.shape == SHAPE and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_simplex_is_normalised_per_sample_and_channel():
+    z = simplex(SHAPE, _gen(2)).flatten(2)  # (B, C, HW)
+    assert torch.allclose(z.mean(2), torch.zeros(4, 3), atol=1e-5)
+    assert torch.allclose(z.std(2), torch.ones(4, 3), atol=1e-4)
+
+
+def test_gaussian_moments():
+    z = gaussian((8, 1, 32, 32), _gen(3))
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+
+
+def test_simplex_is_spatially_correlated_and_gaussian_is_not():
+    assert _neighbour_corr(simplex(SHAPE, _gen(4))) > 0.4
+    assert abs(_neighbour_corr(gaussian(SHAPE, _gen(4)))) < 0.05
+
+
+def test_simplex_samples_and_channels_are_independent():
+    z = simplex((6, 2, 32, 32), _gen(5)).flatten(2)  # (B, C, HW)
+    fields = z.reshape(12, -1)
+    corr = torch.corrcoef(fields)
+    off_diag = corr[~torch.eye(12, dtype=torch.bool)]
+    assert off_diag.abs().max().item() < 0.3
+    assert not torch.allclose(z[0, 0], z[0, 1]) and not torch.allclose(z[0, 0], z[1, 0])
+
+
+def test_simplex_frequency_scales_structure():
+    coarse = _neighbour_corr(simplex(SHAPE, _gen(6), octaves=1, frequency=128.0))
+    fine = _neighbour_corr(simplex(SHAPE, _gen(6), octaves=1, frequency=16.0))
+    assert coarse > fine
+
+
+def test_simplex_kwargs_pass_through_and_device():
+    a = make_noise("simplex", SHAPE, _gen(7), device="cpu", octaves=2, persistence=0.5, frequency=32.0)
+    b = simplex(SHAPE, _gen(7), octaves=2, persistence=0.5, frequency=32.0)
+    assert torch.equal(a, b) and a.device.type == "cpu"
+
+
+def test_unknown_kind_and_bad_args():
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        make_noise("perlin", SHAPE, _gen(0))
+    with pytest.raises(ValueError):
+        simplex(SHAPE, _gen(0), octaves=0)
+
+
+def test_noise_kwargs_from_config():
+    class Cfg:
+        simplex_octaves, simplex_persistence, simplex_frequency = 3, 0.7, 32.0
+    assert noise_kwargs("gaussian", Cfg) == {}
+    assert noise_kwargs("simplex", Cfg) == {"octaves": 3, "persistence": 0.7, "frequency": 32.0}
+
+
+def test_simplex_image_size_sets_the_scale_for_crops():
+    # a 16 px crop of a 32 px image has the 32 px image's feature size, so it is smoother
+    # than 16 px noise scaled to its own size
+    crop_of_big = _neighbour_corr(simplex((4, 3, 16, 16), _gen(8), octaves=1, image_size=64))
+    own_scale = _neighbour_corr(simplex((4, 3, 16, 16), _gen(8), octaves=1))
+    assert crop_of_big > own_scale
+    assert torch.equal(simplex(SHAPE, _gen(9), image_size=32), simplex(SHAPE, _gen(9)))

@@ -1,0 +1,213 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from anodiff import io
+from anodiff.errors import CheckpointError, TrainingDiverged
+from anodiff.schedule import Schedule
+from anodiff.train import TrainResult, load_ddpm, pick_device, random_crop, save_ddpm, train_ddpm
+from anodiff.unet import UNet
+
+ARCH = dict(in_channels=1, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
+            attention_resolutions=[], image_size=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: with other processes on the 2 cores, OpenMP threads mostly wait on each other
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**over):
+    return SimpleNamespace(**{"epochs": 1, "batch_size": 4, "lr": 1e-3, "grad_clip": 1.0,
+                              "ema_decay": 0.9, **over})
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(**ARCH)
+
+
+def _images(n=8, value=0.5):
+    return torch.full((n, 1, 8, 8), value)
+
+
+def _train(model=None, images=None, seed=0, **kw):
+    kw.setdefault("cfg", _cfg())
+    kw.setdefault("loss", "mse")
+    kw.setdefault("noise", "gaussian")
+    return train_ddpm(model if model is not None else _model(), Schedule(50), _images() if images is None else images,
+                      generator=torch.Generator().manual_seed(seed), device="cpu", stage_name="pretrain_ddpm",
+                      progress=False, **kw)
+
+
+def test_pick_device():
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_loss_goes_down_on_constant_images():
+    res = _train(cfg=_cfg(epochs=20, batch_size=8, lr=3e-3))
+    h = res.history
+    assert isinstance(res, TrainResult) and list(h.columns) == ["step", "epoch", "loss", "images_per_s"]
+    assert len(h) == 20 and h.step.tolist() == list(range(1, 21))
+    assert h.loss.iloc[-5:].mean() < 0.5 * h.loss.iloc[:3].mean()
+    assert res.summary["steps"] == 20 and res.summary["final_loss"] == pytest.approx(h.loss.iloc[-1])
+    assert res.summary["images_per_s"] > 0 and res.summary["seconds"] > 0
+
+
+def test_partial_last_batch_is_used():
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            seen.append(x.shape[0])
+            return self.w * x
+
+    res = _train(model=Spy(), images=_images(10), cfg=_cfg(epochs=2, batch_size=4))
+    assert seen == [4, 4, 2, 4, 4, 2]
+    assert res.history.epoch.tolist() == [0, 0, 0, 1, 1, 1]
+    # batch larger than the data set: one partial batch per epoch
+    seen.clear()
+    _train(model=Spy(), images=_images(3), cfg=_cfg(batch_size=16))
+    assert seen == [3]
+
+
+def test_random_crop_takes_windows_of_each_image():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    out = random_crop(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 1, 4, 4)
+    for img, crop in zip(x, out):
+        i, j = divmod(int(crop[0, 0, 0].item()) % 64, 8)  # values encode the position
+        assert torch.equal(crop, img[:, i:i + 4, j:j + 4])
+    assert torch.equal(out, random_crop(x, 4, torch.Generator().manual_seed(0)))
+
+
+def test_train_crop_feeds_crops_to_the_model():
+    shapes = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            shapes.append(tuple(x.shape))
+            return self.w * x
+
+    _train(model=Spy(), cfg=_cfg(train_crop=4))
+    assert shapes == [(4, 1, 4, 4), (4, 1, 4, 4)]
+    with pytest.raises(ValueError, match="train_crop 16 is larger"):
+        _train(model=Spy(), cfg=_cfg(train_crop=16))
+
+
+@pytest.mark.parametrize("loss,kw", [("huber", {"huber_delta": 0.5}), ("lts", {"lts_keep": 0.5})])
+def test_robust_losses_train(loss, kw):
+    res = _train(loss=loss, **kw)
+    assert res.history.loss.notna().all() and res.summary["steps"] == 2
+
+
+@pytest.mark.parametrize("crop", [0, 4])
+def test_simplex_noise_trains(crop):
+    res = _train(noise="simplex", noise_kw={"octaves": 2, "frequency": 64.0}, cfg=_cfg(train_crop=crop))
+    assert res.summary["steps"] == 2 and res.history.loss.notna().all()
+
+
+def test_same_seed_gives_bit_identical_weights():
+    a = _train(cfg=_cfg(epochs=1), seed=3)
+    b = _train(cfg=_cfg(epochs=1), seed=3)
+    c = _train(cfg=_cfg(epochs=1), seed=4)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for va, vb in zip(a.ema_model.state_dict().values(), b.ema_model.state_dict().values()):
+        assert torch.equal(va, vb)
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.model.state_dict().values(),
+                                                        c.model.state_dict().values()))
+
+
+def test_ema_differs_from_raw_weights_and_is_frozen():
+    res = _train(cfg=_cfg(epochs=2))
+    assert not res.ema_model.training
+    assert not any(p.requires_grad for p in res.ema_model.parameters())
+    assert any(not torch.equal(e, m) for e, m in zip(res.ema_model.parameters(), res.model.parameters()))
+
+
+def test_nan_guard_names_stage_step_and_last_finite_loss():
+    class NanAtStep2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+            self.calls = 0
+
+        def forward(self, x, t):
+            self.calls += 1
+            return self.w * x * (float("nan") if self.calls == 2 else 1.0)
+
+    with pytest.raises(TrainingDiverged, match=r"pretrain_ddpm: loss became nan at step 2; "
+                                               r"last finite loss \d"):
+        _train(model=NanAtStep2())
+
+
+def test_nan_guard_with_exploding_learning_rate():
+    # Adam moves every weight by about lr per step: the next loss overflows to inf
+    with pytest.raises(TrainingDiverged, match=r"loss became (inf|nan) at step 2; last finite loss [0-9.]+; "
+                                               r"checkpoint not written"):
+        _train(cfg=_cfg(lr=1e30))
+
+
+def _save(path, res, seed_gen):
+    return save_ddpm(path, res.model, res.ema_model, res.optimizer, res.summary["steps"],
+                     seed_gen.get_state(), res.model.arch_config(),
+                     {"stage": "pretrain_ddpm", "loss": "mse", "final_loss": res.summary["final_loss"]})
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    res = _train()
+    gen = torch.Generator().manual_seed(9)
+    path = tmp_path / "ddpm.pt"
+    _save(path, res, gen)
+    raw = torch.load(path, weights_only=True)  # no pickled code needed
+    assert raw["step"] == 2 and raw["meta"]["stage"] == "pretrain_ddpm" and raw["arch"] == ARCH
+    assert raw["rng"]["torch_generator"].dtype == torch.uint8
+    assert torch.equal(raw["rng"]["torch_generator"], gen.get_state())
+    assert set(raw["optimizer"]) == {"state", "param_groups"}
+    model, ckpt = load_ddpm(path, expect_arch=dict(ARCH))
+    assert not model.training
+    for a, b in zip(model.state_dict().values(), res.ema_model.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, 3), res.ema_model(x, 3))
+    # optimiser state reloads into a fresh Adam
+    opt = torch.optim.Adam(_model().parameters())
+    opt.load_state_dict(ckpt["optimizer"])
+
+
+def test_arch_mismatch_is_refused_naming_keys(tmp_path):
+    res = _train()
+    path = tmp_path / "ddpm.pt"
+    _save(path, res, torch.Generator())
+    other = {**ARCH, "base_channels": 16, "channel_mults": (1, 2, 2)}
+    with pytest.raises(CheckpointError) as err:
+        load_ddpm(path, expect_arch=other)
+    msg = str(err.value)
+    assert str(path) in msg and "base_channels" in msg and "channel_mults" in msg and "image_size" not in msg
+    # tuples vs lists is not a difference
+    load_ddpm(path, expect_arch={**ARCH, "channel_mults": (1, 2)})
+
+
+def test_foreign_or_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_ddpm(tmp_path / "missing.pt")
+    path = tmp_path / "other.pt"
+    io.save_checkpoint(path, {"weights": {}})
+    with pytest.raises(CheckpointError, match="not an anodiff DDPM checkpoint"):
+        load_ddpm(path)
