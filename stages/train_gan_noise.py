@@ -43,15 +43,21 @@ def main(params):
                         f"and {len(rows_n)} normal (split=train)")
     anomalous = data.load_images(PREPARED, rows_a, channels, size)
     normal = data.load_images(PREPARED, rows_n, channels, size)
+    side = cfg.crop or size  # what the networks see in training
     print(f"{STAGE}: {len(anomalous)} anomalous, {len(normal)} normal ({int(rows_n.augmented.sum())} augmented) "
-          f"images at {size} px, t={cfg.t}, {cfg.denoise_steps} denoising steps, device {device}")
+          f"images at {size} px (training crops {side} px), t={cfg.t}, {cfg.denoise_steps} denoising steps, "
+          f"device {device}")
 
+    # variants beyond the report (see gan.py), used when params.yaml defines them
+    residual = getattr(cfg, "residual", False)
+    mse_target = getattr(cfg, "mse_target", "gaussian")
     torch.manual_seed(params.seed)  # initial weights
-    net = gan.NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound)
+    net = gan.NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=residual)
     critic = gan.Critic(channels, cfg.base_channels)
     history, summary = gan.train_gan(net, critic, ddpm, schedule, anomalous, normal, cfg,
                                      torch_generator(params.seed, offset=2), device, stage_name=STAGE,
-                                     checkpoint=size >= 256)  # paper scale: recompute, not store, activations
+                                     mse_target=mse_target,
+                                     checkpoint=side >= 256)  # paper scale: recompute, not store, activations
 
     gan.save_generator(OUT, net, net.arch_config(), {
         "stage": STAGE, "seed": params.seed, "gan": to_dict(cfg), "t": cfg.t, "denoise_steps": cfg.denoise_steps,

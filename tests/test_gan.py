@@ -17,7 +17,7 @@ C, S = 3, 8  # channels, image side
 
 def _cfg(**kw):
     base = dict(lr=1e-3, batch_size=4, epochs=1, n_critic=2, gp_weight=10.0, mse_weight=1.0, t=6,
-                denoise_steps=2, bound=1.5, base_channels=4, n_blocks=2, grad_clip=1.0)
+                denoise_steps=2, bound=1.5, base_channels=4, n_blocks=2, grad_clip=1.0, crop=0)
     return GAN(**{**base, **kw})
 
 
@@ -199,6 +199,15 @@ def test_partial_batches_and_a_normal_set_smaller_than_a_batch():
     assert list(history.step) == [0, 1, 2, 3] and list(history.epoch) == [0, 0, 1, 1]
     assert history.drop(columns=["step", "epoch"]).map(math.isfinite).all().all()
     assert summary["steps"] == 4 and summary["images_per_s"] > 0
+
+
+def test_training_on_crops_keeps_whole_image_inference():
+    big = lambda n, seed: torch.rand((n, C, 16, 16), generator=torch.Generator().manual_seed(seed)) * 2 - 1  # noqa: E731
+    net, _, history, _ = _train(_cfg(crop=8), big(4, 0), big(4, 1))
+    assert len(history) == 1
+    assert G.noise_for(net, big(2, 2)).shape == (2, C, 16, 16)
+    with pytest.raises(ValueError, match="crop 32 is larger"):
+        _train(_cfg(crop=32), big(4, 0), big(4, 1))
 
 
 def test_training_is_reproducible_from_the_seed():

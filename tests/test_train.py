@@ -105,8 +105,9 @@ def test_train_crop_feeds_crops_to_the_model():
 
     _train(model=Spy(), cfg=_cfg(train_crop=4))
     assert shapes == [(4, 1, 4, 4), (4, 1, 4, 4)]
-    with pytest.raises(ValueError, match="train_crop 16 is larger"):
-        _train(model=Spy(), cfg=_cfg(train_crop=16))
+    shapes.clear()
+    _train(model=Spy(), cfg=_cfg(train_crop=16))  # as large as the image or larger: whole images
+    assert all(s[-2:] == (8, 8) for s in shapes), shapes
 
 
 @pytest.mark.parametrize("loss,kw", [("huber", {"huber_delta": 0.5}), ("lts", {"lts_keep": 0.5})])

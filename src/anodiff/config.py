@@ -168,10 +168,6 @@ class Params:
             if value % factor:
                 raise ConfigError(f"params.yaml: {key}: {value} must be divisible by {factor} "
                                   f"(2 ** (len(ddpm.channel_mults) - 1))")
-        for key, value in [("ddpm.train_crop", self.ddpm.train_crop), ("gan.crop", self.gan.crop)]:
-            if value > size:
-                raise ConfigError(f"params.yaml: {key}: {value} is larger than data.image_size ({size}); "
-                                  "use 0 to train on whole images")
 
 
 def _type_name(tp) -> str:

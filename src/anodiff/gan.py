@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from anodiff import io
 from anodiff.errors import CheckpointError, TrainingDiverged
+from anodiff.train import random_crop
 
 MSE_TARGETS = ("gaussian", "paired", "input")
 HISTORY_COLUMNS = ["step", "epoch", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]
@@ -258,7 +259,9 @@ def train_gan(generator_net, critic, ddpm, schedule, anomalous, normal, cfg, tor
 
     anomalous (Na, C, H, W), normal (Nn, C, H, W) in [-1, 1] (sizes may differ). cfg: the
     `gan` params (lr, batch_size, epochs, n_critic, gp_weight, mse_weight, t, denoise_steps,
-    grad_clip). An epoch is one pass over the anomalous set in generator steps (the last batch
+    grad_clip, and optionally crop: > 0 trains on a random crop of that side of every image,
+    all three networks being convolutional; a crop of an anomalous image may miss its defect,
+    which the critic sees as a mixture, at a quarter of the cost for 32 of 64 px). An epoch is one pass over the anomalous set in generator steps (the last batch
     may be partial); before each generator step the critic takes n_critic steps on fresh
     random batches of the same size. Adam with betas (0.5, 0.9), gradient norms clipped.
     history: one row per generator step, critic columns averaged over its critic steps.
@@ -280,6 +283,9 @@ def train_gan(generator_net, critic, ddpm, schedule, anomalous, normal, cfg, tor
     if n_a == 0 or n_n == 0:
         raise ValueError(f"need anomalous and normal images, got {n_a} and {n_n}")
     per_epoch = math.ceil(n_a / bs)
+    crop = getattr(cfg, "crop", 0)
+    if crop and crop > min(anomalous.shape[-1], normal.shape[-1], anomalous.shape[-2], normal.shape[-2]):
+        raise ValueError(f"{stage_name}: crop {crop} is larger than the images")
     rows, step, started = [], 0, time.perf_counter()
 
     def guard(what: str, value: float, **losses):
@@ -289,7 +295,8 @@ def train_gan(generator_net, critic, ddpm, schedule, anomalous, normal, cfg, tor
                                    f"({shown}); no checkpoint written; try a lower gan.lr or gan.grad_clip")
 
     def batch(images, idx):
-        return images[idx].to(device, non_blocking=True)
+        x = images[idx]
+        return (random_crop(x, crop, torch_gen) if crop else x).to(device, non_blocking=True)
 
     bar = tqdm(total=cfg.epochs * per_epoch, desc=stage_name, disable=not progress, leave=False)
     try:

@@ -86,8 +86,8 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, cfg, generator
     ema = EMA(model, cfg.ema_decay)
     n, bs = images.shape[0], cfg.batch_size
     crop = getattr(cfg, "train_crop", 0)
-    if crop and crop > min(images.shape[-2:]):
-        raise ValueError(f"{stage_name}: train_crop {crop} is larger than the images {tuple(images.shape[-2:])}")
+    if crop and crop >= min(images.shape[-2:]):
+        crop = 0  # a crop as large as the image is the whole image
     if crop and noise == "simplex":
         # simplex feature sizes scale with the image, not the crop: same noise as at inference
         noise_kw = {"image_size": images.shape[-2], **noise_kw}
