@@ -206,8 +206,10 @@ def test_training_on_crops_keeps_whole_image_inference():
     net, _, history, _ = _train(_cfg(crop=8), big(4, 0), big(4, 1))
     assert len(history) == 1
     assert G.noise_for(net, big(2, 2)).shape == (2, C, 16, 16)
-    with pytest.raises(ValueError, match="crop 32 is larger"):
-        _train(_cfg(crop=32), big(4, 0), big(4, 1))
+    # a crop as large as the image or larger means whole images, as in train_ddpm
+    whole = _train(_cfg(crop=0), big(4, 0), big(4, 1))[2]
+    assert whole.equals(_train(_cfg(crop=16), big(4, 0), big(4, 1))[2])
+    assert whole.equals(_train(_cfg(crop=32), big(4, 0), big(4, 1))[2])
 
 
 def test_training_is_reproducible_from_the_seed():

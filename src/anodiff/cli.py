@@ -38,6 +38,15 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
+def _read_artefact(path, reader):
+    """Read a file written by infer/evaluate; a corrupt one is a one-line error naming it."""
+    try:
+        return reader(path)
+    except Exception as exc:  # json, numpy and zipfile raise many types for damaged files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable ({first})") from None
+
+
 def load_detector(args) -> tuple[Detector, dict]:
     maps_dir = Path(args.maps or f"data/maps/{args.method}")
     ddpm = Path(args.checkpoint or f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt")
@@ -46,20 +55,34 @@ def load_detector(args) -> tuple[Detector, dict]:
     for p in (meta_path, npz_path):
         if not p.exists():
             raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
-    meta = io.read_json(meta_path)
-    settings = InferSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+    meta = _read_artefact(meta_path, io.read_json)
+    stored = meta.get("settings") if isinstance(meta, dict) else None
+    allowed = set(InferSettings.__dataclass_fields__)
+    if not isinstance(stored, dict) or set(stored) - allowed:
+        raise CheckpointError(f"{meta_path}: no valid 'settings' (expected keys among {sorted(allowed)}); "
+                              f"rerun `dvc repro infer@{args.method}`")
+    settings = InferSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
-    arrays = io.load_npz(npz_path)
+    for t, steps in det.plan():  # settings stored for another checkpoint may not fit this schedule
+        try:
+            det.schedule.respace(t, steps)
+        except ValueError as exc:
+            raise CheckpointError(f"{meta_path}: settings do not fit {ddpm} ({det.schedule.timesteps} "
+                                  f"timesteps: {exc}); rerun `dvc repro infer@{args.method}`") from None
+    arrays = _read_artefact(npz_path, io.load_npz)
     if settings.normalize:
-        if arrays.get("stats_mean") is None or arrays["stats_mean"].shape[-1] != det.image_size:
+        want = (1, det.image_size, det.image_size)
+        if any(tuple(getattr(arrays.get(k), "shape", ())) != want for k in ("stats_mean", "stats_std")):
             raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} "
                                   f"(image size {det.image_size}); rerun `dvc repro infer@{args.method}`")
         det.set_stats_arrays(arrays)
     metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
     thresholds = {"pixel": None, "image": None}
     if metrics_path.exists():
-        thresholds.update(io.read_json(metrics_path).get("thresholds", {}))
+        stored_thr = _read_artefact(metrics_path, io.read_json)
+        stored_thr = stored_thr.get("thresholds") if isinstance(stored_thr, dict) else None
+        thresholds.update({k: v for k, v in (stored_thr or {}).items() if k in thresholds})
     if args.threshold is not None:
         thresholds["image"] = args.threshold
     return det, thresholds

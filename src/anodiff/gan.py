@@ -259,7 +259,7 @@ def train_gan(generator_net, critic, ddpm, schedule, anomalous, normal, cfg, tor
 
     anomalous (Na, C, H, W), normal (Nn, C, H, W) in [-1, 1] (sizes may differ). cfg: the
     `gan` params (lr, batch_size, epochs, n_critic, gp_weight, mse_weight, t, denoise_steps,
-    grad_clip, and optionally crop: > 0 trains on a random crop of that side of every image,
+    grad_clip, and optionally crop: 0 < crop < image side trains on a random crop of every image,
     all three networks being convolutional; a crop of an anomalous image may miss its defect,
     which the critic sees as a mixture, at a quarter of the cost for 32 of 64 px). An epoch is one pass over the anomalous set in generator steps (the last batch
     may be partial); before each generator step the critic takes n_critic steps on fresh
@@ -284,8 +284,8 @@ def train_gan(generator_net, critic, ddpm, schedule, anomalous, normal, cfg, tor
         raise ValueError(f"need anomalous and normal images, got {n_a} and {n_n}")
     per_epoch = math.ceil(n_a / bs)
     crop = getattr(cfg, "crop", 0)
-    if crop and crop > min(anomalous.shape[-1], normal.shape[-1], anomalous.shape[-2], normal.shape[-2]):
-        raise ValueError(f"{stage_name}: crop {crop} is larger than the images")
+    if crop and crop >= min(*anomalous.shape[-2:], *normal.shape[-2:]):
+        crop = 0  # a crop as large as the image is the whole image (as in train_ddpm)
     rows, step, started = [], 0, time.perf_counter()
 
     def guard(what: str, value: float, **losses):
