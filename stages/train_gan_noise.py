@@ -48,15 +48,12 @@ def main(params):
           f"images at {size} px (training crops {side} px), t={cfg.t}, {cfg.denoise_steps} denoising steps, "
           f"device {device}")
 
-    # variants beyond the report (see gan.py), used when params.yaml defines them
-    residual = getattr(cfg, "residual", False)
-    mse_target = getattr(cfg, "mse_target", "gaussian")
     torch.manual_seed(params.seed)  # initial weights
-    net = gan.NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=residual)
+    net = gan.NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
     critic = gan.Critic(channels, cfg.base_channels)
     history, summary = gan.train_gan(net, critic, ddpm, schedule, anomalous, normal, cfg,
                                      torch_generator(params.seed, offset=2), device, stage_name=STAGE,
-                                     mse_target=mse_target,
+                                     mse_target=cfg.mse_target,
                                      checkpoint=side >= 256)  # paper scale: recompute, not store, activations
 
     gan.save_generator(OUT, net, net.arch_config(), {

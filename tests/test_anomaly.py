@@ -265,7 +265,10 @@ def test_detector_plan():
     assert _detector(settings=multi).plan() == [(3, 2), (3, 2), (6, 2), (6, 2)]
     det = _detector()
     det.generator_net, det.fixed_t = nn.Identity(), (4, 2)
-    assert det.plan() == [(4, 2)]  # learned noise: one pass at the generator's own t
+    det.generator_net.residual = False
+    assert det.plan() == [(4, 2)]  # learned noise alone is a function of the image: one pass
+    det.generator_net.residual = True
+    assert det.plan() == [(4, 2), (4, 2)]  # eps + learned correction: one pass per noise draw
 
 
 def test_detector_maps_average_the_plan():

@@ -121,6 +121,8 @@ class GAN:
     n_blocks: int = F(4, lo=1)
     grad_clip: float = F(1.0, lo=0, lo_open=True)
     crop: int = F(32, lo=0)
+    residual: bool = True
+    mse_target: Literal["gaussian", "paired", "input"] = "gaussian"
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,13 @@ class Detector:
     def plan(self) -> list[tuple[int, int]]:
         """(t_start, steps) of every reconstruction averaged into one map."""
         if self.generator_net is not None:
-            return [self.fixed_t]  # the learned noise is a function of the image: one pass
+            return [self.fixed_t] * (self.settings.n_seeds if self.generator_net.residual else 1)
         s = self.settings
         return [(t, s.steps) for t in (s.t_starts or (s.t_start,)) for _ in range(s.n_seeds)]
 
     def make_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.generator_net is not None:
-            return gan.noise_for(self.generator_net, x)
+            return gan.noise_for(self.generator_net, x, generator)
         return noise.make_noise(self.noise_kind, tuple(x.shape), generator, **self.noise_kw).to(x.device)
 
     @torch.no_grad()
