@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--method", default="ddpm", choices=("ddpm", "rddpm", "gan"))
     parser.add_argument("--grid", default="{}", help="JSON dict: infer key -> list of values")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--checkpoint", default=None, help="DDPM checkpoint (default: the method's)")
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     prepared = ROOT / "data/prepared"
@@ -64,7 +65,7 @@ def main() -> None:
     masks = data.load_masks(prepared, rows)
     base = InferSettings.from_config(params.infer)
     grid = json.loads(args.grid)
-    ddpm = ROOT / f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt"
+    ddpm = args.checkpoint or ROOT / f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt"
     gen = ROOT / "data/models/gan_generator.pt" if args.method == "gan" else None
     results = []
     for values in itertools.product(*grid.values()):

@@ -230,7 +230,7 @@ def test_image_scores_unknown_kind():
 
 
 # ------------------------------------------------------------------ Detector
-SETTINGS = InferSettings(t_start=5, steps=1, n_seeds=2, batch_size=3)
+SETTINGS = InferSettings(t_start=5, steps=1, n_seeds=2, batch_size=3, normalize="pixel")
 
 
 def _detector(channels=3, settings=SETTINGS):
@@ -323,6 +323,16 @@ def test_detector_finish_with_stats_normalises():
 
 
 def test_detector_fit_stats_respects_normalize_false():
-    det = _detector(settings=InferSettings(normalize=False))
+    det = _detector(settings=InferSettings(normalize="none"))
     det.fit_stats(torch.rand(3, 1, 8, 8))
     assert det.stats is None
+
+
+def test_standardize_per_image_gives_zero_mean_unit_std_per_map():
+    maps = torch.rand(3, 1, 8, 8) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1) + 2.0
+    z = anomaly.standardize_per_image(maps)
+    assert torch.allclose(z.flatten(1).mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z.flatten(1).std(1), torch.ones(3), atol=1e-5)
+    det = _detector(settings=InferSettings(normalize="image"))
+    det.fit_stats(maps)
+    assert det.stats is None and torch.equal(det.finish(maps)[0], z)

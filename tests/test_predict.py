@@ -38,13 +38,13 @@ def _save_ckpt(path, size=SIZE, channels=3):
     return path
 
 
-def _save_maps(folder, size=SIZE, normalize=True):
+def _save_maps(folder, size=SIZE, normalize="pixel"):
     settings = InferSettings().as_dict()
     settings.update(t_start=5, steps=1, n_seeds=2, batch_size=2, sigma=1.0, normalize=normalize)
     folder.mkdir(parents=True, exist_ok=True)
     io.write_json(folder / "meta.json", {"method": "ddpm", "settings": settings})
     stats = {}
-    if normalize:
+    if normalize == "pixel":
         stats = {"stats_mean": np.full((1, size, size), 0.1, np.float32),
                  "stats_std": np.full((1, size, size), 0.05, np.float32)}
     io.save_npz(folder / "maps.npz", maps=np.zeros((2, size, size), np.float32), **stats)
@@ -123,7 +123,7 @@ def test_predict_threshold_override_and_no_metrics(art, tmp_path, capsys):
 
 
 def test_predict_without_normalisation(art, tmp_path):
-    maps = _save_maps(tmp_path / "plain", normalize=False)
+    maps = _save_maps(tmp_path / "plain", normalize="none")
     assert cli.main(_argv(art, art["single"], maps=maps)) == 0
     assert (art["out"] / "0000_single.png").exists()
 

@@ -71,7 +71,7 @@ def load_detector(args) -> tuple[Detector, dict]:
             raise CheckpointError(f"{meta_path}: settings do not fit {ddpm} ({det.schedule.timesteps} "
                                   f"timesteps: {exc}); rerun `dvc repro infer@{args.method}`") from None
     arrays = _read_artefact(npz_path, io.load_npz)
-    if settings.normalize:
+    if settings.normalize == "pixel":
         want = (1, det.image_size, det.image_size)
         if any(tuple(getattr(arrays.get(k), "shape", ())) != want for k in ("stats_mean", "stats_std")):
             raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} "

@@ -88,7 +88,7 @@ class DDPM:
     channel_mults: tuple[int, ...] = F((1, 2, 2))
     num_res_blocks: int = F(1, lo=1)
     attention_resolutions: tuple[int, ...] = F((16,))
-    epochs: int = F(30, lo=1)
+    epochs: int = F(60, lo=1)
     batch_size: int = F(16, lo=1)
     train_crop: int = F(32, lo=0)
     lr: float = F(3e-4, lo=0, lo_open=True)
@@ -114,8 +114,8 @@ class GAN:
     n_critic: int = F(5, lo=1)
     gp_weight: float = F(10.0, lo=0)
     mse_weight: float = F(1.0, lo=0)
-    t: int = F(60, lo=1)
-    denoise_steps: int = F(3, lo=1)
+    t: int = F(30, lo=1)
+    denoise_steps: int = F(1, lo=1)
     bound: float = F(1.5, lo=0, lo_open=True)
     base_channels: int = F(32, lo=1)
     n_blocks: int = F(4, lo=1)
@@ -127,14 +127,14 @@ class GAN:
 
 @dataclass(frozen=True)
 class Infer:
-    t_start: int = F(60, lo=1)
-    steps: int = F(5, lo=1)
+    t_start: int = F(30, lo=1)
+    steps: int = F(1, lo=1)
     t_starts: tuple[int, ...] = F(())
-    n_seeds: int = F(1, lo=1)
+    n_seeds: int = F(8, lo=1)
     error: Literal["abs", "sq", "ssim", "feature", "combined"] = "abs"
     sigma: float = F(2.0, lo=0)
-    normalize: bool = True
-    score: Literal["max", "topk"] = "topk"
+    normalize: Literal["none", "pixel", "image"] = "image"
+    score: Literal["max", "topk"] = "max"
     topk: float = F(0.01, lo=0, hi=1, lo_open=True)
     batch_size: int = F(16, lo=1)
 

@@ -28,7 +28,7 @@ class InferSettings:
     n_seeds: int = 1
     error: str = "abs"
     sigma: float = 2.0
-    normalize: bool = True
+    normalize: str = "image"  # none | pixel | image (see anomaly.py)
     score: str = "topk"
     topk: float = 0.01
     batch_size: int = 16
@@ -106,12 +106,15 @@ class Detector:
         return torch.cat(maps), torch.cat(recons)
 
     def fit_stats(self, normal_raw_maps: torch.Tensor) -> None:
-        if self.settings.normalize:
+        if self.settings.normalize == "pixel":
             self.stats = anomaly.NormalStats.fit(normal_raw_maps)
 
     def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised maps and image scores from raw maps."""
-        final = self.stats.normalize(raw) if self.stats is not None else raw
+        if self.settings.normalize == "image":
+            final = anomaly.standardize_per_image(raw)
+        else:
+            final = self.stats.normalize(raw) if self.stats is not None else raw
         return final, anomaly.image_scores(final, self.settings.score, self.settings.topk)
 
     def stats_arrays(self) -> dict[str, np.ndarray]:
