@@ -13,13 +13,6 @@ from anodiff.schedule import Schedule
 from anodiff.unet import UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _images(n=4, c=3, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -38,15 +38,6 @@ def _images(n, seed):
 SCHEDULE = Schedule(20, "linear", 1e-4, 0.02)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: threads only add synchronisation, and thrash when the CPU is shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------- gradient penalty
 class Linear(nn.Module):
     def __init__(self, w):

@@ -19,13 +19,6 @@ SIZE = 8
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _save_ckpt(path, size=SIZE, channels=3):
     torch.manual_seed(0)

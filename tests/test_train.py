@@ -14,14 +14,6 @@ ARCH = dict(in_channels=1, base_channels=8, channel_mults=[1, 2], num_res_blocks
             attention_resolutions=[], image_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: with other processes on the 2 cores, OpenMP threads mostly wait on each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cfg(**over):
     return SimpleNamespace(**{"epochs": 1, "batch_size": 4, "lr": 1e-3, "grad_clip": 1.0,

@@ -8,14 +8,6 @@ TINY = dict(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks
             attention_resolutions=(8,), image_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: with other processes on the 2 cores, OpenMP threads mostly wait on each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny(**over):
     torch.manual_seed(0)

@@ -224,6 +224,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in first:
+            # torch's advice here (retry with weights_only=False) would run pickled code from
+            # a file that is, for anodiff, corrupt or foreign: say that instead
+            first = "corrupt, truncated, or not written by anodiff"
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an anodiff checkpoint (no dict at top level)")
