@@ -45,7 +45,9 @@ SPLIT_AXIS = {"tissue": 1, "moon": 1, "hubble": 1, "terrain": 0}  # 1: left/righ
 TRAIN_FRACTION = 0.6
 MIN_PIXELS = 4  # a defect changes at least this many pixels ...
 FAINTEST = 6  # ... by at least this many grey levels (in some channel)
-MEAN_CHANGE = 2.0  # and the mean change over the mask is at least this (no near-invisible smooths)
+MEAN_CHANGE = 10.0  # and the mean change over the mask is at least this many grey levels ...
+RELATIVE_CHANGE = 0.5  # ... and at least this share of the local texture's standard deviation
+MASK_CHANGE = 3  # the mask holds the pixels changed by at least this many grey levels (hole-filled)
 
 
 class DefectFailed(RuntimeError):
@@ -290,10 +292,17 @@ def make_defect(tile: np.ndarray, family: str, rng: np.random.Generator, foreign
         result, support = _FAMILIES[family](f, rng, foreign)
         out = np.clip(np.rint(result), 0, 255).astype(np.uint8).reshape(clean.shape)
         change = np.abs(out.astype(np.int16) - clean).reshape(f.shape).max(-1) * support
-        core = change > 0
+        core = change >= MASK_CHANGE
+        if not core.any():
+            continue
         closed = ndimage.binary_fill_holes(ndimage.binary_closing(core, np.ones((3, 3), bool)))
         mask = core | (closed & support)
-        visible = (change >= FAINTEST).sum() >= MIN_PIXELS and change[mask].mean() >= MEAN_CHANGE
+        # visible to a person: a clear mean change, and at least half the local texture's own
+        # spread (a stain of 6 grey levels on a busy texture, or a warp of empty sky, is not)
+        around = ndimage.binary_dilation(mask, iterations=4)
+        texture = f[around].std(axis=0).max()
+        floor = max(MEAN_CHANGE, RELATIVE_CHANGE * texture)
+        visible = (change >= FAINTEST).sum() >= MIN_PIXELS and change[mask].mean() >= floor
         if visible and core.sum() >= 0.5 * mask.sum():
             return np.where(mask.reshape(mask.shape + (1,) * (clean.ndim - 2)), out, clean), mask
     raise DefectFailed(f"no visible {family} after {tries} draws")
