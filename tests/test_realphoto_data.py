@@ -79,7 +79,14 @@ def test_make_defect_changes_only_inside_a_nonempty_mask(family):
     for name, clean in _clean_tiles().items():
         before = clean.copy()
         for draw in range(5):
-            bad, mask = rp.make_defect(clean, family, np.random.default_rng([draw, 7]))
+            try:
+                bad, mask = rp.make_defect(clean, family, np.random.default_rng([draw, 7]))
+            except rp.DefectFailed:
+                # visibility is relative to the texture: on uniform noise (std ~74 grey levels)
+                # a thin or faint family may find no visible draw, nor may smooth or warp on a plain ramp;
+                # the real photos always must
+                assert name in ("noise_rgb", "smooth_grey"), (name, draw)
+                continue
             assert np.array_equal(clean, before)  # input untouched
             assert bad.shape == clean.shape and bad.dtype == np.uint8, name
             assert mask.shape == clean.shape[:2] and mask.dtype == bool, name
