@@ -2,8 +2,8 @@
 
 For each image: noise it to t_start with the method's noise (the DDPM's training noise, or the
 GAN generator's learned noise), denoise back in a few deterministic DDIM steps with the frozen
-DDPM, and compare. Normal val images give the per-pixel statistics the maps are standardised
-by. Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
+DDPM, and compare, at each noise level of `infer.t_starts`. Normal val images calibrate the maps
+and image scores (`infer.normalize`; `auto` chooses the calibration on val, see select.py). Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly, and the timing).
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from _common import ROOT, run_stage, torch_generator
-from anodiff import data, io
+from anodiff import data, io, select
 from anodiff.detector import Detector, InferSettings
 from anodiff.train import pick_device
 
@@ -37,13 +37,23 @@ def main(params, method: str) -> None:
     started = time.perf_counter()
     raw, recon = det.raw_maps(images, torch_generator(params.seed, offset=101), desc=f"infer@{method}")
     seconds = time.perf_counter() - started
-    val_normal = torch.from_numpy(((rows["split"] == "val") & (rows["label"] == "normal")).to_numpy())
-    det.fit_stats(raw[val_normal])
+    val = (rows["split"] == "val").to_numpy()
+    val_normal = val & (rows["label"] == "normal").to_numpy()
+    choice = {"map": settings.normalize, "score": settings.normalize}
+    if settings.normalize == "auto":  # chosen on val only; test is never looked at
+        masks = data.load_masks(PREPARED, rows)
+        choice = select.choose(raw[torch.from_numpy(val)], val_normal[val],
+                               (rows["label"][val] == "anomalous").to_numpy().astype(int),
+                               None if masks is None else masks[val])
+    else:
+        select.check_normal_count(int(val_normal.sum()), [settings.normalize])
+    det.calibrate(raw[torch.from_numpy(val_normal)], choice["map"], choice["score"])
     final, scores = det.finish(raw)
 
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
-    meta = {"method": method, "settings": settings.as_dict(), "plan": det.plan(),
+    meta = {"method": method, "settings": settings.as_dict(), "calibration": det.calibration_kinds(),
+            "levels": det.levels(), "plan": det.plan(),
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows)}
     # timing lives beside the metrics, not in data/maps, so the maps are the same bytes every run
@@ -54,8 +64,12 @@ def main(params, method: str) -> None:
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **det.stats_arrays())
         io.write_csv(out / "scores.csv", table)
         io.write_json(out / "meta.json", meta)
-    io.write_json(ROOT / f"metrics/infer_{method}.json", timing)
-    print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}")
+    chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"]}
+    if "table" in choice:  # the val figures every candidate reached (half the normals held out)
+        chosen["val"] = choice["table"]
+    io.write_json(ROOT / f"metrics/infer_{method}.json", {**chosen, **timing})
+    print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
+          f"map calibration {choice['map']}, score calibration {choice['score']}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Anomaly maps: partially noise, denoise with a model that knows only normal images, compare.
 
-The map of an image is built in four explicit steps, each a plain function:
-  reconstruct -> error_map (abs | sq | ssim | feature | combined) -> smooth -> normalize,
-and the image score is a statistic of the final map (max or top-k mean).
+The map of an image is built in explicit steps, each a plain function:
+  reconstruct (at one or more noise levels) -> error_map (abs | sq | ssim | feature | combined)
+  -> smooth -> Calibration (fitted on normal val images) -> map,
+and the image score is a statistic (max or top-k mean) of a calibrated map.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as nnf
@@ -154,3 +155,87 @@ def image_scores(maps: torch.Tensor, kind: str = "topk", topk: float = 0.01) -> 
         k = max(1, int(round(topk * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"unknown score kind {kind!r}; expected max or topk")
+
+
+# ---------------------------------------------------------------- calibration
+CALIBRATIONS = ("none", "image", "pixel", "texture", "texture2", "mahalanobis")
+CALIBRATED = ("pixel", "texture", "texture2", "mahalanobis")  # fitted on normal val images
+_NEEDS = {"pixel": ("mean", "std"), "texture": ("loc", "scale"), "texture2": ("loc", "scale"),
+          "mahalanobis": ("mean", "precision")}
+LOG_EPS = 1e-3  # error energies are |x - x_hat| in [0, 2]; log(e + eps) keeps flat regions finite
+
+
+@dataclass
+class Calibration:
+    """How a stack of raw error maps (N, T, H, W), one per noise level, becomes one anomaly map.
+
+    - none: the mean over noise levels, as is.
+    - image: each map standardised by its own mean and spread (needs no normal images).
+    - pixel: each pixel against its own mean/spread on normal val images (aligned parts).
+    - texture: position-free; log error energy per noise level as a z-score against all pixels
+      of the normal val images, averaged over noise levels. One-sided: only more error than
+      normal counts.
+    - texture2: the same, two-sided: unusually LOW error is surprising too, as where a smooth
+      stain or a missing-texture patch sits in a busy surface that never reconstructs that well.
+    - mahalanobis: the vector of log energies over the noise levels against their mean and
+      covariance on normal val pixels: unusual in either direction at any noise level, and in
+      how the error changes with the noise level.
+    """
+
+    kind: str
+    arrays: dict = field(default_factory=dict)  # fitted statistics, plain tensors
+
+    def __post_init__(self):
+        if self.kind not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.kind!r}; expected one of {CALIBRATIONS}")
+
+    @property
+    def fitted(self) -> bool:
+        return all(k in self.arrays for k in _NEEDS.get(self.kind, ()))
+
+    def fit(self, normal_raw: torch.Tensor) -> "Calibration":
+        """Statistics from normal maps (M, T, H, W); returns self."""
+        if normal_raw.shape[0] < 2:
+            raise ValueError("need at least two normal maps to calibrate")
+        if self.kind == "pixel":
+            stats = NormalStats.fit(normal_raw.mean(dim=1, keepdim=True))
+            self.arrays = {"mean": stats.mean, "std": stats.std}
+        elif self.kind in ("texture", "texture2"):
+            g = torch.log(normal_raw.double() + LOG_EPS).transpose(0, 1).flatten(1)  # (T, M*H*W)
+            self.arrays = {"loc": g.median(dim=1).values.float(), "scale": g.std(dim=1).clamp_min(1e-6).float()}
+        elif self.kind == "mahalanobis":
+            g = torch.log(normal_raw.double() + LOG_EPS).transpose(0, 1).flatten(1)  # (T, P)
+            mean = g.mean(dim=1)
+            cov = torch.atleast_2d(torch.cov(g))
+            ridge = 1e-6 * float(cov.diagonal().mean()) + 1e-12
+            precision = torch.linalg.inv(cov + ridge * torch.eye(len(mean), dtype=cov.dtype))
+            self.arrays = {"mean": mean.float(), "precision": precision.float()}
+        return self
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N, T, H, W) raw maps -> (N, 1, H, W) anomaly maps."""
+        if not self.fitted:
+            raise ValueError(f"calibration {self.kind!r} is not fitted")
+        a = self.arrays
+        if self.kind == "none":
+            return raw.mean(dim=1, keepdim=True)
+        if self.kind == "image":
+            return standardize_per_image(raw.mean(dim=1, keepdim=True))
+        if self.kind == "pixel":
+            return NormalStats(a["mean"], a["std"]).normalize(raw.mean(dim=1, keepdim=True))
+        g = torch.log(raw + LOG_EPS)
+        if self.kind in ("texture", "texture2"):
+            z = ((g - a["loc"].view(1, -1, 1, 1)) / a["scale"].view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
+            return z.abs() if self.kind == "texture2" else z
+        d = g - a["mean"].view(1, -1, 1, 1)
+        q = torch.einsum("nihw,ij,njhw->nhw", d, a["precision"], d)
+        return q.clamp_min(0).sqrt().unsqueeze(1)
+
+    def state(self, prefix: str) -> dict:
+        """Flat numpy arrays to store beside the maps (prefix_<name>)."""
+        return {f"{prefix}_{k}": v.numpy() for k, v in self.arrays.items()}
+
+    @classmethod
+    def from_state(cls, kind: str, arrays: dict, prefix: str) -> "Calibration":
+        found = {k[len(prefix) + 1:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix + "_")}
+        return cls(kind, found)

@@ -71,12 +71,20 @@ def load_detector(args) -> tuple[Detector, dict]:
             raise CheckpointError(f"{meta_path}: settings do not fit {ddpm} ({det.schedule.timesteps} "
                                   f"timesteps: {exc}); rerun `dvc repro infer@{args.method}`") from None
     arrays = _read_artefact(npz_path, io.load_npz)
-    if settings.normalize == "pixel":
-        want = (1, det.image_size, det.image_size)
-        if any(tuple(getattr(arrays.get(k), "shape", ())) != want for k in ("stats_mean", "stats_std")):
-            raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} "
-                                  f"(image size {det.image_size}); rerun `dvc repro infer@{args.method}`")
-        det.set_stats_arrays(arrays)
+    kinds = meta.get("calibration") or {}
+    if settings.normalize == "auto" and not kinds:
+        raise CheckpointError(f"{meta_path}: no 'calibration' chosen on val; rerun `dvc repro infer@{args.method}`")
+    try:
+        det.set_stats_arrays(arrays, kinds)
+        for cal in (det.map_cal, det.score_cal):
+            if not cal.fitted:
+                raise ValueError(f"the {cal.kind} calibration's statistics are incomplete")
+        probe = torch.zeros(1, len(det.levels()), det.image_size, det.image_size)
+        det.finish(probe)  # statistics of another image size or noise plan fail here, not later
+    except (ValueError, RuntimeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} (image size {det.image_size}, "
+                              f"{len(det.levels())} noise level(s): {first}); rerun `dvc repro infer@{args.method}`") from None
     metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
     thresholds = {"pixel": None, "image": None}
     if metrics_path.exists():

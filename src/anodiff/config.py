@@ -133,7 +133,7 @@ class Infer:
     n_seeds: int = F(8, lo=1)
     error: Literal["abs", "sq", "ssim", "feature", "combined"] = "abs"
     sigma: float = F(2.0, lo=0)
-    normalize: Literal["none", "pixel", "image"] = "image"
+    normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"] = "auto"
     score: Literal["max", "topk"] = "max"
     topk: float = F(0.01, lo=0, hi=1, lo_open=True)
     batch_size: int = F(16, lo=1)

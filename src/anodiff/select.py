@@ -1,0 +1,84 @@
+"""Choose how maps and image scores are calibrated, on the val split of the data at hand.
+
+What makes a good map depends on the surface: per-image standardisation suits the embedded
+marble, while a two-sided, position-free calibration is needed where a defect can be smoother
+than the texture around it. `infer` (with `infer.normalize: auto`) tries every calibration in
+`anomaly.CALIBRATIONS` on val and keeps the best; the test split is never looked at.
+
+To keep the choice honest, the normal val images are split in two: each candidate is fitted on
+one half and judged on the other val images (the second half of the normals and every anomalous
+val image), so a calibration cannot win by having seen the very images it is judged on. The
+winner is then refitted on all normal val images.
+- The map's calibration is judged by the mean of pixel AUROC and AUPRO where val has masks, by
+  image AUROC where it has only labels.
+- The image score's calibration is judged by image AUROC, among the calibrations fitted on normal
+  images (a score from a map standardised by its own image is not comparable across images).
+Ties go to the earlier candidate in `anomaly.CALIBRATIONS` order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from anodiff import anomaly, metrics
+from anodiff.errors import DataError
+
+MIN_NORMAL_VAL = 4  # two to fit on, two to judge on
+
+
+def check_normal_count(n_normal: int, kinds) -> None:
+    """DataError when calibrating needs more normal val images than the data has."""
+    if any(k in anomaly.CALIBRATED for k in kinds) and n_normal < MIN_NORMAL_VAL:
+        raise DataError(
+            f"data/prepared: split val has {n_normal} normal image(s); calibrating the maps needs at "
+            f"least {MIN_NORMAL_VAL} (raise data.val_fraction, add good images, or set "
+            f"infer.normalize: image, which needs none)")
+
+
+def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(n)
+    return idx[0::2], idx[1::2]
+
+
+def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
+           candidates=anomaly.CALIBRATIONS) -> dict:
+    """{"map": kind, "score": kind, "table": {kind: {criterion: value}}} from val raw maps.
+
+    raw: (N, T, H, W) val maps; normal: (N,) bool, the normal val images; labels: (N,) 0/1;
+    masks: (N, H, W) or None.
+    """
+    normal_idx = np.flatnonzero(normal)
+    check_normal_count(len(normal_idx), candidates)
+    fit_pos, judge_pos = _halves(len(normal_idx))
+    fit_idx = normal_idx[fit_pos]
+    judge = np.ones(len(raw), bool)
+    judge[fit_idx] = False
+    has_masks = masks is not None
+    table = {}
+    for kind in candidates:
+        cal = anomaly.Calibration(kind)
+        if kind in anomaly.CALIBRATED:
+            cal.fit(raw[torch.from_numpy(fit_idx)])
+        maps = cal.apply(raw[torch.from_numpy(judge)])[:, 0].numpy()
+        scores = anomaly.image_scores(torch.from_numpy(maps).unsqueeze(1), "max").numpy()
+        row = {"image_auroc": metrics.image_auroc(scores, labels[judge])}
+        if has_masks:
+            row["pixel_auroc"] = metrics.pixel_auroc(maps, masks[judge])
+            row["aupro"] = metrics.aupro(maps, masks[judge])
+        table[kind] = row
+
+    def map_criterion(row):
+        if has_masks and row["pixel_auroc"] is not None:
+            return (row["pixel_auroc"] + row["aupro"]) / 2
+        return row["image_auroc"] if row["image_auroc"] is not None else -1.0
+
+    def score_criterion(row):
+        return row["image_auroc"] if row["image_auroc"] is not None else -1.0
+
+    for kind, row in table.items():
+        row["map_criterion"] = map_criterion(row)
+    map_kind = max(table, key=lambda k: table[k]["map_criterion"])  # first of equals wins
+    scored = [k for k in table if k in anomaly.CALIBRATED] or list(table)
+    score_kind = max(scored, key=lambda k: score_criterion(table[k]))
+    return {"map": map_kind, "score": score_kind, "table": table}
