@@ -1,11 +1,13 @@
-"""Sweep anomaly-map settings for one trained checkpoint; choose on val, report test.
+"""Sweep anomaly-map settings for one trained checkpoint: choose on val, test is report-only.
 
     python bench/sweep_infer.py --method ddpm --out bench/sweep_ddpm.json \
-        --grid '{"t_start": [30, 60, 90], "error": ["abs", "feature"]}'
+        --grid '{"t_starts": [[30], [30, 100]], "normalize": ["auto", "image", "texture2"]}'
 
-Each setting overrides params.yaml's `infer` section. Statistics (normal-image mean/std)
-come from the val split's normal images, thresholds from val; the figures that matter are the
-test ones. Written to help tune the defaults; the pipeline itself does not run it.
+Each setting overrides params.yaml's `infer` section and is run the way `infer` runs it:
+calibration statistics from the val split's normal images (`normalize: auto` also chooses the
+calibration on val, see src/anodiff/select.py). The table is sorted by the val figures, which
+are the only ones to choose by; the test columns are printed last, marked report-only, so that
+nobody tunes on them. Written to help tune the defaults; the pipeline itself does not run it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 
-from anodiff import data, metrics  # noqa: E402
+from anodiff import data, io, metrics, select  # noqa: E402
 from anodiff.config import load_params  # noqa: E402
 from anodiff.detector import Detector, InferSettings  # noqa: E402
 
@@ -32,13 +35,18 @@ def run(det, images, rows, masks, seed):
     started = time.perf_counter()
     raw, _ = det.raw_maps(images, torch.Generator().manual_seed(seed), progress=False)
     seconds = time.perf_counter() - started
-    val_normal = torch.from_numpy(((rows["split"] == "val") & (rows["label"] == "normal")).to_numpy())
-    det.stats = None
-    det.fit_stats(raw[val_normal])
+    val = (rows["split"] == "val").to_numpy()
+    val_normal = val & (rows["label"] == "normal").to_numpy()
+    labels = (rows["label"] == "anomalous").to_numpy().astype(int)
+    kinds = {"map": det.settings.normalize, "score": det.settings.normalize}
+    if det.settings.normalize == "auto":
+        kinds = select.choose(raw[torch.from_numpy(val)], val_normal[val], labels[val],
+                              None if masks is None else masks[val])
+    det.calibrate(raw[torch.from_numpy(val_normal)], kinds["map"], kinds["score"])
     final, scores = det.finish(raw)
     final, scores = final[:, 0].numpy(), scores.numpy()
-    labels = (rows["label"] == "anomalous").to_numpy().astype(int)
-    out = {"seconds_per_image": seconds / len(rows)}
+    out = {"map_calibration": kinds["map"], "score_calibration": kinds["score"],
+           "seconds_per_image": seconds / len(rows)}
     for split in ("val", "test"):
         sel = (rows["split"] == split).to_numpy()
         m = None if masks is None else masks[sel]
@@ -51,7 +59,7 @@ def run(det, images, rows, masks, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="ddpm", choices=("ddpm", "rddpm", "gan"))
     parser.add_argument("--grid", default="{}", help="JSON dict: infer key -> list of values")
     parser.add_argument("--out", default=None)
@@ -67,20 +75,27 @@ def main() -> None:
     grid = json.loads(args.grid)
     ddpm = args.checkpoint or ROOT / f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt"
     gen = ROOT / "data/models/gan_generator.pt" if args.method == "gan" else None
-    results = []
+    results, table = [], []
     for values in itertools.product(*grid.values()):
         change = dict(zip(grid.keys(), values))
         change = {k: tuple(v) if isinstance(v, list) else v for k, v in change.items()}
-        settings = dataclasses.replace(base, **change)
-        det = Detector.load(ddpm, settings, generator_path=gen)
-        res = {"settings": change, **run(det, images, rows, masks, params.seed)}
+        det = Detector.load(ddpm, dataclasses.replace(base, **change), generator_path=gen)
+        res = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()},
+               **run(det, images, rows, masks, params.seed)}
         results.append(res)
-        v, t = res["val"], res["test"]
-        print(json.dumps(change), "val", {k: round(x, 4) for k, x in v.items() if x is not None},
-              "test", {k: round(x, 4) for k, x in t.items() if x is not None},
-              f"{res['seconds_per_image']:.3f}s/img", flush=True)
+        row = {"setting": json.dumps(res["settings"]), "calibration": f"{res['map_calibration']}/{res['score_calibration']}"}
+        row.update({f"val {k}": v for k, v in res["val"].items()})
+        row.update({f"test {k} (report only)": v for k, v in res["test"].items()})
+        table.append(row)
+        print(json.dumps(res["settings"]), "val", {k: round(x, 4) for k, x in res["val"].items() if x is not None},
+              flush=True)
+    frame = pd.DataFrame(table)
+    val_cols = [c for c in frame.columns if c.startswith("val ") and frame[c].notna().any()]
+    frame = frame.sort_values(val_cols, ascending=False) if val_cols else frame
+    print("\nsorted by val; choose on val, test is report-only:")
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        io.write_json(args.out, results)
 
 
 if __name__ == "__main__":
