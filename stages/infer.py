@@ -59,14 +59,18 @@ def main(params, method: str) -> None:
     # timing lives beside the metrics, not in data/maps, so the maps are the same bytes every run
     timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, len(rows)), 5),
               "images_per_s": round(len(rows) / max(seconds, 1e-9), 3), "device": str(device)}
+    # the choice is a metric (`dvc exp show` has a column for it); every candidate's val figures
+    # (fitted on half the normal val images, judged on the rest) go beside the maps
+    chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"]}
+    if "table" in choice:
+        chosen["val_map_criterion"] = round(choice["table"][choice["map"]]["map_criterion"], 6)
+        chosen["val_score_image_auroc"] = choice["table"][choice["score"]]["image_auroc"]
+        meta["selection"] = choice["table"]
     with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
         io.save_npz(out / "maps.npz", maps=final[:, 0].numpy().astype(np.float32),
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **det.stats_arrays())
         io.write_csv(out / "scores.csv", table)
         io.write_json(out / "meta.json", meta)
-    chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"]}
-    if "table" in choice:  # the val figures every candidate reached (half the normals held out)
-        chosen["val"] = choice["table"]
     io.write_json(ROOT / f"metrics/infer_{method}.json", {**chosen, **timing})
     print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
           f"map calibration {choice['map']}, score calibration {choice['score']}")

@@ -86,6 +86,21 @@ def test_every_method_writes_every_metrics_key(repo):
         assert (repo / f).stat().st_size > 0, f
 
 
+def test_infer_records_the_calibration_chosen_on_val(repo):
+    from anodiff import anomaly
+
+    for method in ("ddpm", "rddpm", "gan"):
+        chosen = json.loads((repo / f"metrics/infer_{method}.json").read_text())
+        assert chosen["map_calibration"] in anomaly.CALIBRATIONS, method
+        assert chosen["score_calibration"] in anomaly.CALIBRATED, method  # never a self-standardised map
+        meta = json.loads((repo / f"data/maps/{method}/meta.json").read_text())
+        assert meta["calibration"] == {"map": chosen["map_calibration"], "score": chosen["score_calibration"]}
+        table = meta["selection"]  # every candidate's val figures; the winner has the best criterion
+        best = max(row["map_criterion"] for row in table.values())
+        assert table[chosen["map_calibration"]]["map_criterion"] == best
+        assert chosen["val_map_criterion"] == pytest.approx(best, abs=1e-6)
+
+
 def test_pipeline_is_clean_after_repro(repo):
     assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
 
