@@ -35,14 +35,8 @@ def run(det, images, rows, masks, seed):
     started = time.perf_counter()
     raw, _ = det.raw_maps(images, torch.Generator().manual_seed(seed), progress=False)
     seconds = time.perf_counter() - started
-    val = (rows["split"] == "val").to_numpy()
-    val_normal = val & (rows["label"] == "normal").to_numpy()
     labels = (rows["label"] == "anomalous").to_numpy().astype(int)
-    kinds = {"map": det.settings.normalize, "score": det.settings.normalize}
-    if det.settings.normalize == "auto":
-        kinds = select.choose(raw[torch.from_numpy(val)], val_normal[val], labels[val],
-                              None if masks is None else masks[val])
-    det.calibrate(raw[torch.from_numpy(val_normal)], kinds["map"], kinds["score"])
+    kinds = select.calibrate_on_val(det, raw, rows["split"].to_numpy(), labels == 1, masks)
     final, scores = det.finish(raw)
     final, scores = final[:, 0].numpy(), scores.numpy()
     out = {"map_calibration": kinds["map"], "score_calibration": kinds["score"],

@@ -3,7 +3,8 @@
 For each image: noise it to t_start with the method's noise (the DDPM's training noise, or the
 GAN generator's learned noise), denoise back in a few deterministic DDIM steps with the frozen
 DDPM, and compare, at each noise level of `infer.t_starts`. Normal val images calibrate the maps
-and image scores (`infer.normalize`; `auto` chooses the calibration on val, see select.py). Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
+and image scores (`infer.normalize`; `auto` chooses the calibration on val, see select.py).
+Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly, and the timing).
 """
 
@@ -37,17 +38,8 @@ def main(params, method: str) -> None:
     started = time.perf_counter()
     raw, recon = det.raw_maps(images, torch_generator(params.seed, offset=101), desc=f"infer@{method}")
     seconds = time.perf_counter() - started
-    val = (rows["split"] == "val").to_numpy()
-    val_normal = val & (rows["label"] == "normal").to_numpy()
-    choice = {"map": settings.normalize, "score": settings.normalize}
-    if settings.normalize == "auto":  # chosen on val only; test is never looked at
-        masks = data.load_masks(PREPARED, rows)
-        choice = select.choose(raw[torch.from_numpy(val)], val_normal[val],
-                               (rows["label"][val] == "anomalous").to_numpy().astype(int),
-                               None if masks is None else masks[val])
-    else:
-        select.check_normal_count(int(val_normal.sum()), [settings.normalize])
-    det.calibrate(raw[torch.from_numpy(val_normal)], choice["map"], choice["score"])
+    choice = select.calibrate_on_val(det, raw, rows["split"].to_numpy(),
+                                     (rows["label"] == "anomalous").to_numpy(), data.load_masks(PREPARED, rows))
     final, scores = det.finish(raw)
 
     table = rows[["path", "split", "label", "defect", "mask"]].copy()

@@ -159,9 +159,10 @@ def image_scores(maps: torch.Tensor, kind: str = "topk", topk: float = 0.01) -> 
 
 # ---------------------------------------------------------------- calibration
 CALIBRATIONS = ("none", "image", "pixel", "texture", "texture2", "mahalanobis")
-CALIBRATED = ("pixel", "texture", "texture2", "mahalanobis")  # fitted on normal val images
+# the calibrations fitted on normal val images, and the statistics each one stores
 _NEEDS = {"pixel": ("mean", "std"), "texture": ("loc", "scale"), "texture2": ("loc", "scale"),
           "mahalanobis": ("mean", "precision")}
+CALIBRATED = tuple(_NEEDS)
 LOG_EPS = 1e-3  # error energies are |x - x_hat| in [0, 2]; log(e + eps) keeps flat regions finite
 
 

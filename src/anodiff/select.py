@@ -60,8 +60,8 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
         cal = anomaly.Calibration(kind)
         if kind in anomaly.CALIBRATED:
             cal.fit(raw[torch.from_numpy(fit_idx)])
-        maps = cal.apply(raw[torch.from_numpy(judge)])[:, 0].numpy()
-        scores = anomaly.image_scores(torch.from_numpy(maps).unsqueeze(1), "max").numpy()
+        judged = cal.apply(raw[torch.from_numpy(judge)])
+        maps, scores = judged[:, 0].numpy(), anomaly.image_scores(judged, "max").numpy()
         row = {"image_auroc": metrics.image_auroc(scores, labels[judge])}
         if has_masks:
             row["pixel_auroc"] = metrics.pixel_auroc(maps, masks[judge])
@@ -82,3 +82,23 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
     scored = [k for k in table if k in anomaly.CALIBRATED] or list(table)
     score_kind = max(scored, key=lambda k: score_criterion(table[k]))
     return {"map": map_kind, "score": score_kind, "table": table}
+
+
+def calibrate_on_val(det, raw: torch.Tensor, split: np.ndarray, anomalous: np.ndarray,
+                     masks: np.ndarray | None) -> dict:
+    """Calibrate `det` (a Detector) on the val rows of `raw`, as `infer` does; returns the choice.
+
+    split: (N,) split names; anomalous: (N,) bool. With `infer.normalize: auto` both calibrations
+    are chosen on val (`choose`); otherwise the fixed one is used. Either way the winners are fitted
+    on all normal val images."""
+    val = split == "val"
+    val_normal = val & ~anomalous
+    kind = det.settings.normalize
+    choice = {"map": kind, "score": kind}
+    if kind == "auto":
+        choice = choose(raw[torch.from_numpy(val)], val_normal[val], anomalous[val].astype(int),
+                        None if masks is None else masks[val])
+    else:
+        check_normal_count(int(val_normal.sum()), [kind])
+    det.calibrate(raw[torch.from_numpy(val_normal)], choice["map"], choice["score"])
+    return choice
