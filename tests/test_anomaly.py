@@ -253,15 +253,17 @@ def test_detector_same_seed_same_maps():
 
 
 def test_detector_plan():
-    assert _detector().plan() == [(5, 1), (5, 1)]
+    assert _detector().plan() == [(5, 1, 0.0), (5, 1, 0.0)]
     multi = InferSettings(t_start=5, steps=2, t_starts=(3, 6), n_seeds=2)
-    assert _detector(settings=multi).plan() == [(3, 2), (3, 2), (6, 2), (6, 2)]
-    det = _detector()
+    assert _detector(settings=multi).plan() == [(3, 2, 0.0), (3, 2, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
+    per_level = InferSettings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
+    assert _detector(settings=per_level).plan() == [(3, 1, 0.0), (6, 3, 4.0)]
+    det = _detector(settings=per_level)
     det.generator_net, det.fixed_t = nn.Identity(), (4, 2)
     det.generator_net.residual = False
-    assert det.plan() == [(4, 2)]  # learned noise alone is a function of the image: one pass
+    assert det.plan() == [(4, 2, 0.0)]  # learned noise alone is a function of the image: one pass; unguided
     det.generator_net.residual = True
-    assert det.plan() == [(4, 2), (4, 2)]  # eps + learned correction: one pass per noise draw
+    assert det.plan() == [(4, 2, 0.0)]  # eps + learned correction: one pass per noise draw
 
 
 def test_detector_maps_average_the_plan():

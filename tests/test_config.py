@@ -79,6 +79,20 @@ def test_cross_field_checks_name_both_keys():
         parse_params({"data": {"image_size": 30}})
 
 
+def test_per_level_lists_must_match_the_noise_levels():
+    ok = parse_params({"infer": {"t_starts": [30, 200], "level_steps": [1, 5], "guidance": [0, 10]}})
+    assert ok.infer.level_steps == (1, 5) and ok.infer.guidance == (0.0, 10.0)
+    with pytest.raises(ConfigError, match=r"infer\.guidance: \[10\.0\] must have one entry per noise level "
+                                          r"\(infer\.t_starts has 2\)"):
+        parse_params({"infer": {"t_starts": [30, 200], "guidance": [10]}})
+    with pytest.raises(ConfigError, match=r"infer\.level_steps: \[1, 5\] must have one entry per noise level"):
+        parse_params({"infer": {"t_starts": [], "t_start": 30, "level_steps": [1, 5]}})
+    with pytest.raises(ConfigError, match=r"infer\.guidance: .* is out of range"):
+        parse_params({"infer": {"t_starts": [30], "guidance": [-1]}})
+    with pytest.raises(ConfigError, match=r"infer steps 40 at noise level 30 must be at most t \+ 1 = 31"):
+        parse_params({"infer": {"t_starts": [30], "level_steps": [40]}})
+
+
 def test_load_params_file_errors(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("data:\n  imagesize: 64\n")

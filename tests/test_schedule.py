@@ -154,3 +154,39 @@ def test_denoise_is_differentiable(sched):
     out = sched.denoise(lambda x, t: w * x, x + 0.5, 30, 3)
     out.sum().backward()
     assert w.grad is not None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_guided_denoise_is_ddad_and_w_over_one_minus_abar_heals_nothing(sched):
+    """DDAD's step eps - w sqrt(1-abar) (y_t - x_t), checked in closed form with a model that says eps = 0:
+    then y_t - x_t = -sqrt(1-abar) n, the guided eps is w (1-abar) n, and one DDIM step returns
+    y + sqrt(1-abar) n (1 - w (1-abar)) / sqrt(abar): w = 1/(1-abar) gives back the input exactly."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.rand(2, 1, 6, 6, generator=g) * 1.6 - 0.8
+    n = torch.randn(2, 1, 6, 6, generator=g)
+    t = 40
+    x_t = sched.add_noise(y, n, t)
+    ab = sched.alpha_bar[t].double().item()
+
+    def zero(x, tt):
+        return torch.zeros_like(x)
+
+    for w in (0.0, 0.5 / (1 - ab), 1 / (1 - ab)):
+        out = sched.denoise(zero, x_t, t, 1, clip=False, guide=y, guidance=w)
+        expected = y + math.sqrt(1 - ab) * n * (1 - w * (1 - ab)) / math.sqrt(ab)
+        torch.testing.assert_close(out, expected.float(), atol=1e-4, rtol=0)
+    unguided = sched.denoise(zero, x_t, t, 1, clip=False)
+    assert torch.equal(unguided, sched.denoise(zero, x_t, t, 1, clip=False, guide=y, guidance=0.0))
+    assert (unguided - y).abs().mean() > 0.1  # without guidance the zero model does not give y back
+
+
+def test_guided_denoise_pulls_toward_the_input(sched):
+    """With an oracle that knows a different clean image, guidance moves the result towards the input."""
+    g = torch.Generator().manual_seed(6)
+    y, other = (torch.rand(2, 1, 8, 8, generator=g) * 1.6 - 0.8 for _ in range(2))
+    x_t = sched.add_noise(y, torch.randn(2, 1, 8, 8, generator=g), 100)
+
+    def oracle(x, t):
+        return sched.predict_eps(x, other, t)
+
+    errs = [(sched.denoise(oracle, x_t, 100, 5, guide=y, guidance=w) - y).abs().mean() for w in (0.0, 2.0, 5.0)]
+    assert errs[0] > errs[1] > errs[2]

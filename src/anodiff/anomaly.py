@@ -18,11 +18,13 @@ from torchvision.transforms.functional import gaussian_blur
 ERRORS = ("abs", "sq", "ssim", "feature", "combined")
 
 
-def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start: int, steps: int) -> torch.Tensor:
-    """Noise x0 to step t_start with the given noise, then denoise back in `steps` DDIM steps."""
+def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start: int, steps: int,
+                guidance: float = 0.0) -> torch.Tensor:
+    """Noise x0 to step t_start with the given noise, then denoise back in `steps` DDIM steps,
+    conditioned on x0 with weight `guidance` (0: unconditioned; see Schedule.denoise)."""
     t = torch.full((x0.shape[0],), t_start, dtype=torch.long, device=x0.device)
     x_t = schedule.add_noise(x0, noise, t)
-    return schedule.denoise(model, x_t, t_start, steps)
+    return schedule.denoise(model, x_t, t_start, steps, guide=x0, guidance=guidance)
 
 
 def _gaussian_window(sigma: float, device) -> torch.Tensor:

@@ -64,7 +64,7 @@ def load_detector(args) -> tuple[Detector, dict]:
     settings = InferSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
-    for t, steps in det.plan():  # settings stored for another checkpoint may not fit this schedule
+    for t, steps, _ in det.plan():  # settings stored for another checkpoint may not fit this schedule
         try:
             det.schedule.respace(t, steps)
         except ValueError as exc:

@@ -131,6 +131,8 @@ class Infer:
     steps: int = F(1, lo=1)
     t_starts: tuple[int, ...] = F(())
     n_seeds: int = F(8, lo=1)
+    level_steps: tuple[int, ...] = F((), lo=1)
+    guidance: tuple[float, ...] = F((), lo=0)
     error: Literal["abs", "sq", "ssim", "feature", "combined"] = "abs"
     sigma: float = F(2.0, lo=0)
     normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"] = "auto"
@@ -158,6 +160,16 @@ class Params:
         for v in self.infer.t_starts:
             if not 1 <= v < T:
                 raise ConfigError(f"params.yaml: infer.t_starts: {v} must be in [1, ddpm.timesteps={T})")
+        levels = self.infer.t_starts or (self.infer.t_start,)
+        where = "infer.t_starts" if self.infer.t_starts else "[infer.t_start]"
+        for key in ("level_steps", "guidance"):
+            value = getattr(self.infer, key)
+            if value and len(value) != len(levels):
+                raise ConfigError(f"params.yaml: infer.{key}: {list(value)} must have one entry per noise level "
+                                  f"({where} has {len(levels)}), or be []")
+        for t, k in zip(levels, self.infer.level_steps or (self.infer.steps,) * len(levels)):
+            if k > t + 1:
+                raise ConfigError(f"params.yaml: infer steps {k} at noise level {t} must be at most t + 1 = {t + 1}")
         lo, hi = self.data.augment.brightness
         if not 0 < lo <= hi:
             raise ConfigError(f"params.yaml: data.augment.brightness: {[lo, hi]} must be [low, high] with 0 < low <= high")

@@ -26,6 +26,8 @@ class InferSettings:
     steps: int = 5
     t_starts: tuple = ()
     n_seeds: int = 1
+    level_steps: tuple = ()  # DDIM steps per entry of t_starts (empty: `steps` for each)
+    guidance: tuple = ()  # DDAD weight per entry of t_starts (empty: 0, unconditioned, for each)
     error: str = "abs"
     sigma: float = 2.0
     normalize: str = "image"  # auto (chosen on val) or one of anomaly.CALIBRATIONS
@@ -51,7 +53,7 @@ class Detector:
     generator_net: torch.nn.Module | None = None  # the GAN's noise generator, if any
     noise_kind: str = "gaussian"
     noise_kw: dict = field(default_factory=dict)
-    fixed_t: tuple[int, int] | None = None  # (t, steps) the GAN generator was trained for
+    fixed_t: tuple[int, int] | None = None  # (t, steps) the GAN generator was trained for; unguided
     map_cal: anomaly.Calibration | None = None  # fitted by calibrate(), or restored by set_stats_arrays()
     score_cal: anomaly.Calibration | None = None
 
@@ -76,12 +78,19 @@ class Detector:
     def device(self):
         return next(self.model.parameters()).device
 
-    def plan(self) -> list[tuple[int, int]]:
-        """(t_start, steps) of every reconstruction averaged into one map."""
+    def plan(self) -> list[tuple[int, int, float]]:
+        """(t_start, steps, guidance) of every reconstruction averaged into one map.
+
+        A GAN's noise was learned for the unconditioned denoising at its own t, so its plan is
+        that, unguided."""
         if self.generator_net is not None:
-            return [self.fixed_t] * (self.settings.n_seeds if self.generator_net.residual else 1)
+            return [(*self.fixed_t, 0.0)] * (self.settings.n_seeds if self.generator_net.residual else 1)
         s = self.settings
-        return [(t, s.steps) for t in (s.t_starts or (s.t_start,)) for _ in range(s.n_seeds)]
+        ts = s.t_starts or (s.t_start,)
+        steps = s.level_steps or (s.steps,) * len(ts)
+        guidance = s.guidance or (0.0,) * len(ts)
+        return [(t, int(k), float(w)) for t, k, w in zip(ts, steps, guidance, strict=True)
+                for _ in range(s.n_seeds)]
 
     def make_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.generator_net is not None:
@@ -90,7 +99,7 @@ class Detector:
 
     def levels(self) -> list[int]:
         """The distinct noise levels of the plan, in order: the T axis of raw maps."""
-        return list(dict.fromkeys(t for t, _ in self.plan()))
+        return list(dict.fromkeys(t for t, _, _ in self.plan()))
 
     @torch.no_grad()
     def raw_maps(self, images: torch.Tensor, generator: torch.Generator, progress: bool = True,
@@ -106,8 +115,9 @@ class Detector:
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
             count = [0] * len(levels)
             first = None
-            for t, steps in plan:
-                x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator), t, steps)
+            for t, steps, guidance in plan:
+                x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator), t, steps,
+                                            guidance=guidance)
                 i = levels.index(t)
                 acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error, model=self.model)
                 count[i] += 1

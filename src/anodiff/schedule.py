@@ -131,9 +131,15 @@ class Schedule:
         # ceil(n * k / steps) - 1 for k = steps..1; consecutive values differ by >= 1 as steps <= n
         return [-(-n * k // steps) - 1 for k in range(steps, 0, -1)]
 
-    def denoise(self, model, x_t, t_start: int, steps: int, clip: bool = True):
+    def denoise(self, model, x_t, t_start: int, steps: int, clip: bool = True,
+                guide: torch.Tensor | None = None, guidance: float = 0.0):
         """Strided DDIM from x_t at t_start back to a clean image with `steps` model calls.
 
+        With `guide` (the input image) and `guidance` w > 0, each step is conditioned on the
+        input as in DDAD (Mousakhan et al. 2023): eps <- eps - w sqrt(1 - abar_t) (y_t - x_t),
+        where y_t is the guide noised with the model's own eps. Normal texture is then kept
+        even from a high noise level, which alone would re-draw it, while a defect, far from
+        anything the model knows, is still healed.
         Differentiable: the caller decides on torch.no_grad (the GAN backpropagates through it).
         """
         ts = self.respace(t_start, steps)
@@ -141,5 +147,9 @@ class Schedule:
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            x = self.ddim_step(x, model(x, t_batch), t, t_prev, clip=clip)
+            eps = model(x, t_batch)
+            if guide is not None and guidance > 0:
+                y_t = self.add_noise(guide, eps, t)
+                eps = eps - guidance * self._at(self.sqrt_one_minus_alpha_bar, t, x) * (y_t - x)
+            x = self.ddim_step(x, eps, t, t_prev, clip=clip)
         return x
