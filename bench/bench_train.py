@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from anodiff.noise import make_noise, noise_kwargs  # noqa: E402
+from anodiff.noise import for_batch, noise_kwargs  # noqa: E402
 from anodiff.schedule import Schedule  # noqa: E402
 from anodiff.train import pick_device, train_ddpm  # noqa: E402
 from anodiff.unet import UNet  # noqa: E402
@@ -97,11 +97,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = UNet(channels, ddpm["base_channels"], ddpm["channel_mults"], ddpm["num_res_blocks"],
                      ddpm["attention_resolutions"], size)
-        cfg = SimpleNamespace(epochs=1, batch_size=batch, lr=ddpm["lr"], grad_clip=ddpm["grad_clip"],
-                              ema_decay=ddpm["ema_decay"], train_crop=train_crop)
-        res = train_ddpm(model, schedule, images, loss="mse", noise=ddpm["noise"], cfg=cfg, generator=gen,
-                         device=device, stage_name="bench", progress=False,
-                         noise_kw=noise_kwargs(ddpm["noise"], SimpleNamespace(**ddpm)))
+        res = train_ddpm(model, schedule, images, loss="mse", noise=ddpm["noise"],
+                         noise_kw=noise_kwargs(ddpm["noise"], SimpleNamespace(**ddpm)), generator=gen, epochs=1,
+                         batch_size=batch, lr=ddpm["lr"], grad_clip=ddpm["grad_clip"], ema_decay=ddpm["ema_decay"],
+                         train_crop=train_crop, device=device, stage_name="bench", progress=False)
         return statistics.median((batch / res.history.images_per_s.iloc[1:]).tolist()), model
 
     step_seconds, model = train_step_seconds(crop)
@@ -109,10 +108,10 @@ def main() -> None:
     peak_mib = peak_rss_mib()
     whole_seconds = train_step_seconds(0)[0] if crop else step_seconds
 
-    shape = (batch, channels, side, side)
-    simplex_s = median_seconds(lambda: make_noise("simplex", shape, gen, device=device, image_size=size,
-                                                  **simplex_kw), 5)
-    gaussian_s = median_seconds(lambda: make_noise("gaussian", shape, gen, device=device), 5)
+    x = torch.zeros(batch, channels, side, side, device=device)  # a batch of the training shape
+    crop_kw = {**simplex_kw, "image_size": size}  # a crop's noise has the whole image's scale
+    simplex_s = median_seconds(lambda: for_batch(x, gen, kind="simplex", simplex_kw=crop_kw), 5)
+    gaussian_s = median_seconds(lambda: for_batch(x, gen), 5)
 
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
     fwd_bwd = {str(w): round(fwd_bwd_seconds(ddpm, w, channels, size, batch, 2), 4) for w in widths}

@@ -13,7 +13,6 @@ nobody tunes on them. Written to help tune the defaults; the pipeline itself doe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
@@ -27,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 
 from anodiff import data, io, metrics, select  # noqa: E402
-from anodiff.config import load_params  # noqa: E402
-from anodiff.detector import Detector, InferSettings  # noqa: E402
+from anodiff.config import load_params, parse_params, to_dict  # noqa: E402
+from anodiff.detector import Detector  # noqa: E402
 
 
 def run(det, images, rows, masks, seed):
@@ -65,16 +64,17 @@ def main() -> None:
     rows = rows[rows["split"].isin(["val", "test"]) & (rows["augmented"] == 0)].reset_index(drop=True)
     images = data.load_images(prepared, rows, params.data.channels)
     masks = data.load_masks(prepared, rows)
-    base = InferSettings.from_config(params.infer)
     grid = json.loads(args.grid)
-    ddpm = args.checkpoint or ROOT / f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt"
-    gen = ROOT / "data/models/gan_generator.pt" if args.method == "gan" else None
+    # the method's files are those dvc.yaml gave its infer stage, recorded beside its maps
+    meta = io.read_json(ROOT / f"data/maps/{args.method}/meta.json")
+    ddpm = args.checkpoint or ROOT / meta["model"]
+    gen = ROOT / meta["generator"] if meta.get("generator") else None
     results, table = [], []
     for values in itertools.product(*grid.values()):
         change = dict(zip(grid.keys(), values))
-        change = {k: tuple(v) if isinstance(v, list) else v for k, v in change.items()}
-        det = Detector.load(ddpm, dataclasses.replace(base, **change), generator_path=gen)
-        res = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()},
+        settings = parse_params({**to_dict(params), "infer": {**to_dict(params.infer), **change}}).infer
+        det = Detector.load(ddpm, settings, generator_path=gen)
+        res = {"settings": change,
                **run(det, images, rows, masks, params.seed)}
         results.append(res)
         row = {"setting": json.dumps(res["settings"]), "calibration": f"{res['map_calibration']}/{res['score_calibration']}"}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from _common import ROOT, torch_generator
-from anodiff import data, io
+from anodiff import checkpoint, data, io
 from anodiff.config import to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
-from anodiff.train import pick_device, save_ddpm, train_ddpm
+from anodiff.train import pick_device, train_ddpm
 from anodiff.unet import UNet
 
 PREPARED = ROOT / "data/prepared"
@@ -30,9 +30,10 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     schedule = Schedule.from_config(cfg)
     generator = torch_generator(params.seed, offset=1)
     kw = noise_kwargs(cfg.noise, cfg)
-    result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, cfg=cfg, generator=generator,
-                        device=pick_device(), stage_name=stage, huber_delta=huber_delta,
-                        lts_keep=lts_keep, noise_kw=kw)
+    result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
+                        ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
+                        lts_keep=lts_keep, device=pick_device(), stage_name=stage)
     meta = {
         "stage": stage, "loss": loss, "huber_delta": huber_delta, "lts_keep": lts_keep,
         "noise": cfg.noise, "noise_kw": kw,
@@ -40,8 +41,8 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
                      "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
         "seed": params.seed, "ddpm": to_dict(cfg), "n_train": len(rows), "n_anomalous": n_anomalous,
     }
-    save_ddpm(ckpt_path, result.model, result.ema_model, result.optimizer, result.summary["steps"],
-              generator.get_state(), model.arch_config(), meta)
+    checkpoint.save_ddpm(ckpt_path, result.model, result.ema_model, result.optimizer, result.summary["steps"],
+                         generator.get_state(), meta)
     name = stage if stage.startswith("train_") else f"train_{stage}"
     io.write_csv(ROOT / f"plots/{stage}/loss.csv", result.history[["step", "epoch", "loss"]])
     summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.summary.items()}

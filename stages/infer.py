@@ -18,18 +18,20 @@ import torch
 
 from _common import ROOT, run_stage, torch_generator
 from anodiff import data, io, select
-from anodiff.detector import Detector, InferSettings
+from anodiff.config import to_dict
+from anodiff.detector import Detector
 from anodiff.train import pick_device
 
 PREPARED = ROOT / "data/prepared"
 
 
-def main(params, method: str) -> None:
+def main(params, method: str, model: str, noise_from: str) -> None:
+    """`model` is the DDPM checkpoint; `noise_from` is where the noise comes from: the same file
+    (the DDPM's own training noise) or a GAN generator. dvc.yaml passes both, per method."""
     device = pick_device()
-    settings = InferSettings.from_config(params.infer)
-    ddpm = ROOT / f"data/models/{'rddpm' if method == 'rddpm' else 'ddpm'}.pt"
-    gen_path = ROOT / "data/models/gan_generator.pt" if method == "gan" else None
-    det = Detector.load(ddpm, settings, generator_path=gen_path, device=device)
+    settings = params.infer
+    gen_path = noise_from if noise_from != model else None
+    det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device)
 
     rows = data.load_rows(PREPARED)
     rows = rows[rows["split"].isin(["val", "test"]) & (rows["augmented"] == 0)].reset_index(drop=True)
@@ -44,7 +46,8 @@ def main(params, method: str) -> None:
 
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
-    meta = {"method": method, "settings": settings.as_dict(), "calibration": det.calibration_kinds(),
+    meta = {"method": method, "model": model, "generator": gen_path,
+            "settings": to_dict(settings), "calibration": det.calibration_kinds(),
             "levels": det.levels(), "plan": det.plan(),
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows)}
@@ -70,6 +73,8 @@ def main(params, method: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", choices=("ddpm", "rddpm", "gan"), required=True)
+    parser.add_argument("--method", required=True, help="the variant's name (dvc.yaml's foreach key)")
+    parser.add_argument("--model", required=True, help="DDPM checkpoint")
+    parser.add_argument("--noise-from", required=True, help="the DDPM checkpoint again, or a GAN generator")
     args = parser.parse_args()
-    run_stage(lambda p: main(p, args.method))
+    run_stage(lambda p: main(p, args.method, args.model, args.noise_from))

@@ -9,7 +9,7 @@ from anodiff import data, io, plots
 def main(p):
     out = ROOT / "data" / "prepared"
     with io.atomic_dir(out) as tmp:  # replaced whole on success, untouched on any error
-        manifest = data.prepare(p, tmp)
+        manifest = data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed)
     images, masks, labels = data.grid_samples(out, manifest, p.data.image_size)
     plots.sample_grid(images, masks, labels, ROOT / "plots" / "prepare_samples.png")
     print(data.describe(manifest))

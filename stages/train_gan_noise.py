@@ -9,11 +9,13 @@ trained with it), so only `seed`, `data.channels` and `gan.*` are read from para
 import torch
 
 from _common import ROOT, run_stage, torch_generator
-from anodiff import data, gan, io
+from anodiff import checkpoint, data, gan, io
 from anodiff.config import to_dict
 from anodiff.errors import CheckpointError, DataError
 from anodiff.schedule import Schedule
-from anodiff.train import load_ddpm, pick_device
+from anodiff.noisegen import Critic, NoiseGenerator
+from anodiff.train import pick_device
+from anodiff.unet import UNet
 
 STAGE = "train_gan_noise"
 PREPARED = ROOT / "data/prepared"
@@ -24,7 +26,7 @@ OUT = ROOT / "data/models/gan_generator.pt"
 def main(params):
     cfg, channels = params.gan, params.data.channels
     device = pick_device()
-    ddpm, ckpt = load_ddpm(DDPM, device=device)
+    ddpm, ckpt = checkpoint.load(DDPM, UNet, device=device)
     arch, meta = ckpt["arch"], ckpt.get("meta", {})
     if "schedule" not in meta:
         raise CheckpointError(f"{DDPM}: checkpoint has no schedule metadata; rerun pretrain_ddpm")
@@ -49,16 +51,18 @@ def main(params):
           f"device {device}")
 
     torch.manual_seed(params.seed)  # initial weights
-    net = gan.NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
-    critic = gan.Critic(channels, cfg.base_channels)
-    history, summary = gan.train_gan(net, critic, ddpm, schedule, anomalous, normal, cfg,
-                                     torch_generator(params.seed, offset=2), device, stage_name=STAGE,
-                                     mse_target=cfg.mse_target,
-                                     checkpoint=side >= 256)  # paper scale: recompute, not store, activations
+    net = NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
+    critic = Critic(channels, cfg.base_channels)
+    history, summary = gan.train_gan(
+        net, critic, ddpm, schedule, anomalous, normal, generator=torch_generator(params.seed, offset=2),
+        device=device, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, n_critic=cfg.n_critic,
+        gp_weight=cfg.gp_weight, mse_weight=cfg.mse_weight, t=cfg.t, denoise_steps=cfg.denoise_steps,
+        grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE,
+        recompute=side >= 256)  # paper scale: recompute, not store, activations
 
-    gan.save_generator(OUT, net, net.arch_config(), {
+    checkpoint.save_generator(OUT, net, {
         "stage": STAGE, "seed": params.seed, "gan": to_dict(cfg), "t": cfg.t, "denoise_steps": cfg.denoise_steps,
-        "mse_target": summary["mse_target"], "ddpm_checksum": summary["ddpm_checksum"],
+        "ddpm_checksum": summary["ddpm_checksum"],
         "schedule": dict(meta["schedule"]), "image_size": size, "channels": channels,
         "n_anomalous": len(anomalous), "n_normal": len(normal),
     })

@@ -16,3 +16,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def repo_params(**sections):
+    """The repository's params.yaml (the one source of every default), with some keys changed:
+    repo_params(infer={"t_start": 5}) -> validated Params."""
+    import yaml
+
+    from anodiff.config import parse_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, over in sections.items():
+        if isinstance(over, dict) and isinstance(raw.get(name), dict):
+            _merge(raw[name], over)
+        else:
+            raw[name] = over
+    return parse_params(raw)
+
+
+def _merge(base: dict, over: dict) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def infer_settings(**over):
+    """infer.* from params.yaml with `over` changed (single-level plans by default: t_starts [])."""
+    return repo_params(infer={"t_starts": [], "level_steps": [], "guidance": [], **over}).infer

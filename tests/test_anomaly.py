@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from anodiff import anomaly
-from anodiff.detector import Detector, InferSettings
+from anodiff.detector import Detector
+from conftest import infer_settings
 from anodiff.schedule import Schedule
 from anodiff.unet import UNet
 
@@ -75,26 +76,6 @@ def test_perfect_reconstruction_gives_all_zero_map(kind):
     assert torch.count_nonzero(m) == 0
 
 
-def test_perfect_reconstruction_ssim_map_is_zero():
-    x = _images()
-    m = anomaly.error_map(x, x.clone(), "ssim")
-    assert m.shape == (4, 1, 8, 8)
-    torch.testing.assert_close(m, torch.zeros_like(m), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["feature", "combined"])
-def test_perfect_reconstruction_feature_maps_are_zero(kind):
-    x = _images()
-    m = anomaly.error_map(x, x.clone(), kind, model=_tiny_unet().eval())
-    assert m.shape == (4, 1, 8, 8)
-    torch.testing.assert_close(m, torch.zeros_like(m), atol=1e-5, rtol=0)
-
-
-def test_feature_error_needs_model():
-    with pytest.raises(ValueError, match="needs the model"):
-        anomaly.error_map(_images(), _images(), "feature")
-
-
 def test_error_map_exact_values():
     x = torch.zeros(1, 3, 4, 4)
     x_hat = x.clone()
@@ -108,15 +89,6 @@ def test_error_map_exact_values():
     expect_s[0, 0, 1, 2], expect_s[0, 0, 3, 3] = 0.36 / 3, 0.25
     torch.testing.assert_close(a, expect_a)
     torch.testing.assert_close(s, expect_s)
-
-
-def test_ssim_error_is_positive_where_images_differ():
-    x = _images(n=1)
-    y = x.clone()
-    y[..., 2:5, 2:5] = -x[..., 2:5, 2:5]
-    m = anomaly.error_map(x, y, "ssim")
-    assert m[0, 0, 3, 3] > 0.1
-    assert m.min() > -1e-6 and m.max() <= 2.0 + 1e-6  # 1 - SSIM lies in [0, 2]
 
 
 def test_unknown_error_kind():
@@ -223,7 +195,8 @@ def test_image_scores_unknown_kind():
 
 
 # ------------------------------------------------------------------ Detector
-SETTINGS = InferSettings(t_start=5, steps=1, n_seeds=2, batch_size=3, normalize="pixel")
+SETTINGS = infer_settings(t_start=5, steps=1, n_seeds=2, batch_size=3, normalize="pixel", score="topk", topk=0.01,
+                          sigma=2.0, error="abs")
 
 
 def _detector(channels=3, settings=SETTINGS):
@@ -254,9 +227,9 @@ def test_detector_same_seed_same_maps():
 
 def test_detector_plan():
     assert _detector().plan() == [(5, 1, 0.0), (5, 1, 0.0)]
-    multi = InferSettings(t_start=5, steps=2, t_starts=(3, 6), n_seeds=2)
+    multi = infer_settings(t_start=5, steps=2, t_starts=(3, 6), n_seeds=2)
     assert _detector(settings=multi).plan() == [(3, 2, 0.0), (3, 2, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
-    per_level = InferSettings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
+    per_level = infer_settings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
     assert _detector(settings=per_level).plan() == [(3, 1, 0.0), (6, 3, 4.0)]
     det = _detector(settings=per_level)
     det.generator_net, det.fixed_t = nn.Identity(), (4, 2)
@@ -280,7 +253,7 @@ def test_detector_maps_average_the_plan():
             return torch.zeros_like(x_t)
 
     det.model = Zero()
-    det.settings = InferSettings(t_start=0, steps=1, n_seeds=3, sigma=0, batch_size=3)
+    det.settings = SETTINGS.model_copy(update=dict(t_start=0, steps=1, n_seeds=3, sigma=0.0, batch_size=3))  # t=0: closed form
     maps, recon = det.raw_maps(x, torch.Generator().manual_seed(0), progress=False)
     # t_start=0: x_t = sqrt(abar_0) x + sqrt(1 - abar_0) n, and eps=0 gives x_hat = x_t / sqrt(abar_0)
     sched = Schedule(timesteps=10)
@@ -305,7 +278,7 @@ def test_detector_finish_without_stats_returns_raw():
 def test_detector_finish_with_stats_normalises():
     det = _detector()
     mean, std = torch.full((1, 8, 8), 1.0), torch.full((1, 8, 8), 0.5)
-    det.fit_stats(_known_stats_maps(mean, std))  # (2,1,8,8)
+    det.calibrate(_known_stats_maps(mean, std))  # (2,1,8,8)
     raw = torch.full((3, 1, 8, 8), 2.0)
     final, scores = det.finish(raw)
     torch.testing.assert_close(final, torch.full((3, 1, 8, 8), 2.0), atol=1e-4, rtol=0)  # (2-1)/0.5
@@ -318,9 +291,9 @@ def test_detector_finish_with_stats_normalises():
 
 
 def test_detector_fit_stats_respects_normalize_false():
-    det = _detector(settings=InferSettings(normalize="none"))
-    det.fit_stats(torch.rand(3, 1, 8, 8))
-    assert det.stats is None
+    det = _detector(settings=infer_settings(normalize="none"))
+    det.calibrate(torch.rand(3, 1, 8, 8))
+    assert det.stats_arrays() == {}  # nothing fitted
 
 
 def test_standardize_per_image_gives_zero_mean_unit_std_per_map():
@@ -328,6 +301,6 @@ def test_standardize_per_image_gives_zero_mean_unit_std_per_map():
     z = anomaly.standardize_per_image(maps)
     assert torch.allclose(z.flatten(1).mean(1), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z.flatten(1).std(1), torch.ones(3), atol=1e-5)
-    det = _detector(settings=InferSettings(normalize="image"))
-    det.fit_stats(maps)
-    assert det.stats is None and torch.equal(det.finish(maps)[0], z)
+    det = _detector(settings=infer_settings(normalize="image"))
+    det.calibrate(maps)
+    assert det.stats_arrays() == {} and torch.equal(det.finish(maps)[0], z)

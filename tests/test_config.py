@@ -1,12 +1,14 @@
 """params.yaml is checked once: unknown keys, wrong types, out-of-range values name the key."""
 
-import dataclasses
 from pathlib import Path
 
+import pydantic
 import pytest
+import yaml
 
-from anodiff.config import Params, load_params, parse_params, to_dict
+from anodiff.config import Infer, load_params, parse_params, to_dict
 from anodiff.errors import ConfigError
+from conftest import _merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,13 +18,30 @@ def test_repository_params_load():
     assert p.data.image_size == 64 and p.synth.n_test_normal == 40
     assert p.data.marble_anomalous == ("crack", "dot")  # lists become tuples
     assert isinstance(p.gan.lr, float)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         p.data.image_size = 32
 
 
-def test_missing_keys_take_defaults():
-    assert parse_params({}) == Params()
-    assert parse_params({"data": {"image_size": 32}}).data.image_size == 32
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def parse(over: dict):
+    """params.yaml with `over` merged in (the models have no defaults of their own)."""
+    raw = _raw()
+    _merge(raw, over)
+    return parse_params(raw)
+
+
+def test_params_yaml_is_the_one_source_of_defaults():
+    """No model field has a default: a key missing from params.yaml is an error naming it."""
+    for model in (Infer, type(load_params(ROOT / "params.yaml").ddpm)):
+        assert all(f.is_required() for f in model.model_fields.values()), model
+    raw = _raw()
+    del raw["infer"]["guidance"]
+    with pytest.raises(ConfigError, match=r"params\.yaml: infer\.guidance: missing; every key must be set"):
+        parse_params(raw)
+    assert parse({"data": {"image_size": 32}}).data.image_size == 32
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -32,7 +51,7 @@ def test_missing_keys_take_defaults():
 ])
 def test_unknown_key_is_named(raw, key):
     with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: unknown key; allowed under"):
-        parse_params(raw)
+        parse(raw)
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -47,14 +66,14 @@ def test_unknown_key_is_named(raw, key):
 ])
 def test_wrong_type_is_named(raw, key):
     with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: "):
-        parse_params(raw)
+        parse(raw)
 
 
 def test_choice_lists_what_is_allowed():
     with pytest.raises(ConfigError, match=r"ddpm\.noise: 'pink' is not one of 'gaussian', 'simplex'"):
-        parse_params({"ddpm": {"noise": "pink"}})
+        parse({"ddpm": {"noise": "pink"}})
     with pytest.raises(ConfigError, match=r"data\.layout: 'kaggle' is not one of 'auto', 'mvtec'"):
-        parse_params({"data": {"layout": "kaggle"}})
+        parse({"data": {"layout": "kaggle"}})
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -67,30 +86,30 @@ def test_choice_lists_what_is_allowed():
 ])
 def test_out_of_range_is_named(raw, key):
     with pytest.raises(ConfigError, match=rf"params\.yaml: {key}: .* is out of range; allowed: "):
-        parse_params(raw)
+        parse(raw)
 
 
 def test_cross_field_checks_name_both_keys():
     with pytest.raises(ConfigError, match=r"infer\.t_start: 300 must be below ddpm\.timesteps \(300\)"):
-        parse_params({"infer": {"t_start": 300}})
+        parse({"infer": {"t_start": 300}})
     with pytest.raises(ConfigError, match=r"data\.augment\.brightness"):
-        parse_params({"data": {"augment": {"brightness": [1.1, 0.9]}}})
+        parse({"data": {"augment": {"brightness": [1.1, 0.9]}}})
     with pytest.raises(ConfigError, match=r"data\.image_size: 30 must be divisible by 4"):
-        parse_params({"data": {"image_size": 30}})
+        parse({"data": {"image_size": 30}})
 
 
 def test_per_level_lists_must_match_the_noise_levels():
-    ok = parse_params({"infer": {"t_starts": [30, 200], "level_steps": [1, 5], "guidance": [0, 10]}})
+    ok = parse({"infer": {"t_starts": [30, 200], "level_steps": [1, 5], "guidance": [0, 10]}})
     assert ok.infer.level_steps == (1, 5) and ok.infer.guidance == (0.0, 10.0)
     with pytest.raises(ConfigError, match=r"infer\.guidance: \[10\.0\] must have one entry per noise level "
                                           r"\(infer\.t_starts has 2\)"):
-        parse_params({"infer": {"t_starts": [30, 200], "guidance": [10]}})
+        parse({"infer": {"t_starts": [30, 200], "guidance": [10]}})
     with pytest.raises(ConfigError, match=r"infer\.level_steps: \[1, 5\] must have one entry per noise level"):
-        parse_params({"infer": {"t_starts": [], "t_start": 30, "level_steps": [1, 5]}})
-    with pytest.raises(ConfigError, match=r"infer\.guidance: .* is out of range"):
-        parse_params({"infer": {"t_starts": [30], "guidance": [-1]}})
+        parse({"infer": {"t_starts": [], "t_start": 30, "level_steps": [1, 5]}})
+    with pytest.raises(ConfigError, match=r"infer\.guidance\[0\]: -1 is out of range; allowed: a number in \[0, inf\]"):
+        parse({"infer": {"t_starts": [30], "guidance": [-1]}})
     with pytest.raises(ConfigError, match=r"infer steps 40 at noise level 30 must be at most t \+ 1 = 31"):
-        parse_params({"infer": {"t_starts": [30], "level_steps": [40]}})
+        parse({"infer": {"t_starts": [30], "level_steps": [40], "guidance": []}})
 
 
 def test_load_params_file_errors(tmp_path):
@@ -106,5 +125,5 @@ def test_load_params_file_errors(tmp_path):
 
 
 def test_to_dict_round_trips():
-    p = parse_params({"seed": 3, "data": {"image_size": 32}})
+    p = parse({"seed": 3, "data": {"image_size": 32}})
     assert parse_params(to_dict(p)) == p

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import repo_params
 from PIL import Image
 
-from anodiff import data, io
-from anodiff.config import parse_params
+from anodiff import data, io, layouts
 from anodiff.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +19,8 @@ SIZE = 16
 
 
 def params(source, layout="auto", **data_kw):
-    raw = {"seed": 0, "data": {"source": str(source), "layout": layout, "image_size": SIZE,
-                               "contamination": 0.1, **data_kw}}
-    return parse_params(raw)
+    return repo_params(seed=0, data={"source": str(source), "layout": layout, "image_size": SIZE,
+                                     "contamination": 0.1, **data_kw})
 
 
 def noise_png(path, size=32, seed=0, mode="RGB"):
@@ -74,7 +74,7 @@ def make_folder(root, masks=True):
 
 def run(p, out):
     with io.atomic_dir(out) as tmp:
-        return data.prepare(p, tmp)
+        return data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed)
 
 
 def counts(m, **kw):
@@ -165,24 +165,23 @@ def test_folder_layout_with_masks(tmp_path):
     assert [int(x.sum()) for x in masks] == [0, 0, 64, 64, 64]  # normals first, then 8x8 squares
     images = data.load_images(out, test_rows, channels=3)
     assert images.shape == (5, 3, SIZE, SIZE) and -1 <= images.min() and images.max() <= 1
-    x, mk, rows = data.load_split(out, "test", SIZE, 3, label="anomalous")
-    assert x.shape == (3, 3, SIZE, SIZE) and mk.shape == (3, 1, SIZE, SIZE) and len(rows) == 3
+    assert len(data.load_rows(out, split="test", label="anomalous")) == 3
 
 
 def test_folder_mask_matching_is_by_whole_stem(tmp_path):
     masks = [Path("m/img1_mask.png"), Path("m/img10_mask.png"), Path("m/img2.png")]
-    assert data._mask_for(Path("a/img1.png"), masks) == [Path("m/img1_mask.png")]
-    assert data._mask_for(Path("a/img2.jpg"), masks) == [Path("m/img2.png")]
-    assert data._mask_for(Path("a/img3.png"), masks) == []
+    assert layouts._mask_for(Path("a/img1.png"), masks) == [Path("m/img1_mask.png")]
+    assert layouts._mask_for(Path("a/img2.jpg"), masks) == [Path("m/img2.png")]
+    assert layouts._mask_for(Path("a/img3.png"), masks) == []
 
 
 def test_auto_recognises_each_layout(tmp_path):
-    assert data.detect_layout(make_mvtec(tmp_path / "a")) == "mvtec"
-    assert data.detect_layout(make_marble(tmp_path / "b")) == "marble"
-    assert data.detect_layout(make_folder(tmp_path / "c")) == "folder"
+    assert layouts.detect_layout(make_mvtec(tmp_path / "a")) == "mvtec"
+    assert layouts.detect_layout(make_marble(tmp_path / "b")) == "marble"
+    assert layouts.detect_layout(make_folder(tmp_path / "c")) == "folder"
     (tmp_path / "d" / "pictures").mkdir(parents=True)
     with pytest.raises(DataError, match=r"d: cannot recognise the layout.*subfolders pictures.*expected"):
-        data.detect_layout(tmp_path / "d")
+        layouts.detect_layout(tmp_path / "d")
 
 
 def test_splits_are_deterministic_from_seed(tmp_path):
@@ -190,7 +189,7 @@ def test_splits_are_deterministic_from_seed(tmp_path):
     a = run(params(src), tmp_path / "a")
     b = run(params(src), tmp_path / "b")
     assert a.equals(b)
-    c = run(parse_params({"seed": 5, "data": {"source": str(src), "image_size": SIZE}}), tmp_path / "c")
+    c = run(repo_params(seed=5, data={"source": str(src), "image_size": SIZE}), tmp_path / "c")
     assert not a.equals(c)
 
 
@@ -205,11 +204,11 @@ def test_contamination_count():
 def synthetic(**synth_kw):
     base = dict(n_train_normal=90, n_train_anomalous=12, n_val_normal=2, n_val_anomalous=2,
                 n_test_normal=2, n_test_anomalous=2)
-    return {"seed": 1, "data": {"image_size": SIZE, "contamination": 0.1}, "synth": base | synth_kw}
+    return repo_params(seed=1, data={"image_size": SIZE, "contamination": 0.1}, synth=base | synth_kw)
 
 
 def test_synthetic_contamination_is_exact(tmp_path):
-    m = run(parse_params(synthetic()), tmp_path / "out")
+    m = run(synthetic(), tmp_path / "out")
     ddpm = m[m.ddpm_train == 1]
     assert counts(ddpm, label="normal") == 90 and counts(ddpm, label="anomalous") == 10
     assert set(ddpm.split) == {"train"} and m.augmented.sum() == 0
@@ -217,7 +216,7 @@ def test_synthetic_contamination_is_exact(tmp_path):
     assert set(m.source) == {"synthetic"}
     assert len(data.load_rows(tmp_path / "out", ddpm_train=1, label="anomalous")) == 10
     assert len(data.load_rows(tmp_path / "out", split=["val", "test"])) == 8
-    again = run(parse_params(synthetic()), tmp_path / "again")
+    again = run(synthetic(), tmp_path / "again")
     assert m.equals(again)
     for p in m.path:
         assert (tmp_path / "out" / p).read_bytes() == (tmp_path / "again" / p).read_bytes()
@@ -225,7 +224,7 @@ def test_synthetic_contamination_is_exact(tmp_path):
 
 def test_contamination_needs_a_big_enough_pool(tmp_path):
     with pytest.raises(DataError, match=r"data\.contamination: 0\.1 needs 10 .* only 4"):
-        run(parse_params(synthetic(n_train_anomalous=4)), tmp_path / "out")
+        run(synthetic(n_train_anomalous=4), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -240,13 +239,11 @@ def test_balance_adds_augmented_normals(tmp_path):
 
 
 def test_augment_ops():
-    class Aug:
-        flip_p, rot90, brightness = 1.0, False, (1.0, 1.0)
-
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    np.testing.assert_array_equal(data.augment(img, np.random.default_rng(0), Aug), img[::-1, ::-1])
-    Aug.flip_p, Aug.brightness = 0.0, (3.0, 3.0)
-    out = data.augment(np.full((2, 2, 3), 100, np.uint8), np.random.default_rng(0), Aug)
+    flipped = data.augment(img, np.random.default_rng(0), flip_p=1.0, rot90=False, brightness=(1.0, 1.0))
+    np.testing.assert_array_equal(flipped, img[::-1, ::-1])
+    out = data.augment(np.full((2, 2, 3), 100, np.uint8), np.random.default_rng(0), flip_p=0.0, rot90=False,
+                       brightness=(3.0, 3.0))
     assert (out == 255).all()  # clipped, not wrapped
 
 
@@ -360,7 +357,9 @@ def test_skip_bad_files_does_not_skip_missing_folders(tmp_path):
 def test_stage_exits_2_naming_the_files(tmp_path):
     src = make_mvtec(tmp_path / "mvtec")
     bad = break_mvtec(src)
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: {src}\n  image_size: {SIZE}\n")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(source=str(src), image_size=SIZE)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     res = subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

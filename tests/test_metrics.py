@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from anodiff import metrics as M
 
@@ -231,7 +232,6 @@ def test_f1_max_and_choose_threshold_pixel():
     f1, thr = M.f1_max(maps, masks)
     assert f1 == pytest.approx(0.8, abs=1e-12) and thr == 0.35
     assert M.choose_threshold(maps, masks) == 0.35
-    assert M.choose_threshold(maps, masks, return_source=True) == (0.35, "pixel_f1")
     # image threshold from image scores 0.2 0.9 (labels 0 1) -> 0.9, pixel one unchanged
     assert M.choose_thresholds(maps[[0, 0]], masks[[0, 0]], [0.2, 0.9], [0, 1]) == (0.35, 0.9)
     assert M.f1_max([0.1, 0.2], [0, 0]) == (None, None)
@@ -244,7 +244,7 @@ def test_choose_threshold_falls_back_to_image_scores():
     scores = [0.1, 0.5, 0.7, 0.9]
     labels = ["normal", "anomalous", "normal", "anomalous"]
     assert M.choose_threshold(maps, np.zeros((4, 4, 4)), scores, labels) == 0.5
-    assert M.choose_threshold(None, None, scores, labels, return_source=True) == (0.5, "image_f1")
+    assert M.choose_threshold(None, None, scores, labels) == 0.5
     assert M.choose_threshold(None, None) is None
     # the pair: pixel threshold (here from the image fallback) and image threshold
     assert M.choose_thresholds(maps, np.zeros((4, 4, 4)), scores, labels) == (0.5, 0.5)
@@ -348,8 +348,52 @@ def test_curve_tables():
     # image level, explicitly or when masks are missing
     scores, labels = [0.1, 0.8, 0.3, 0.9], [0, 1, 0, 1]
     t1 = M.roc_curve_table(maps, None, scores, labels)
-    t2 = M.image_roc_curve_table(scores, labels)
+    t2 = M.roc_curve_table(scores=scores, labels=labels)
     pd.testing.assert_frame_equal(t1, t2)
-    pr_img = M.image_pr_curve_table(scores, labels)
+    pr_img = M.pr_curve_table(scores=scores, labels=labels)
     assert list(pr_img.columns) == ["recall", "precision", "threshold"]
-    assert len(M.image_roc_curve_table([0.1, 0.2], [0, 0])) == 0
+    assert len(M.roc_curve_table(scores=[0.1, 0.2], labels=[0, 0])) == 0
+
+
+def test_curves_equal_scikit_learn_bit_for_bit():
+    # one sort feeds every curve (anodiff.curves); it must give sklearn's exact points
+    rng = np.random.default_rng(8)
+    masks = _blob_masks(rng, n=6, size=24)
+    maps = np.round(masks + rng.normal(0, 0.6, masks.shape), 1)  # many ties
+    y, s = masks.ravel(), maps.ravel()
+    assert M.pixel_auroc(maps, masks) == roc_auc_score(y, s)
+    assert M.pixel_ap(maps, masks) == average_precision_score(y, s)
+    fpr, tpr, thr = roc_curve(y, s)
+    roc = M.roc_curve_table(maps, masks, max_points=10**6)
+    np.testing.assert_array_equal(roc["fpr"], fpr)
+    np.testing.assert_array_equal(roc["tpr"], tpr)
+    np.testing.assert_array_equal(roc["threshold"][1:], thr[1:])
+    precision, recall, thr = precision_recall_curve(y, s)
+    pr = M.pr_curve_table(maps, masks, max_points=10**6)
+    np.testing.assert_array_equal(pr["precision"], precision[::-1])
+    np.testing.assert_array_equal(pr["recall"], recall[::-1])
+    np.testing.assert_array_equal(pr["threshold"][1:], thr[::-1])
+    scores, labels = maps.max(axis=(1, 2)), masks.any(axis=(1, 2)).astype(int)
+    labels[0] = 0
+    assert M.image_auroc(scores, labels) == roc_auc_score(labels, scores)
+    assert M.image_ap(scores, labels) == average_precision_score(labels, scores)
+
+
+def test_evaluate_per_defect_equals_metrics_on_the_subset():
+    # per_defect entries reuse the full test set's sort: same values as sorting the subset
+    rng = np.random.default_rng(9)
+    masks = _blob_masks(rng, n=9, size=16)
+    masks[[1, 4, 7]] = 0
+    maps = np.round(0.8 * masks + rng.normal(0, 0.5, masks.shape), 2)
+    labels = masks.any(axis=(1, 2)).astype(int)
+    defects = np.where(labels == 1, np.array(["a", "b"])[np.arange(9) % 2], "good")
+    scores = maps.max(axis=(1, 2))
+    out = M.evaluate(maps, masks, scores, labels, defects, 0.4)
+    for d in ("a", "b"):
+        sel = (labels == 0) | (defects == d)
+        a, m, s, y = maps[sel], masks[sel], scores[sel], labels[sel]
+        expected = {"pixel_auroc": M.pixel_auroc(a, m), "pixel_ap": M.pixel_ap(a, m),
+                    "aupro": M.aupro(a, m), "pixel_f1_max": M.f1_max(a, m)[0],
+                    "dice": M.dice(a, m, 0.4), "image_auroc": M.image_auroc(s, y),
+                    "image_ap": M.image_ap(s, y)}
+        assert {k: out["per_defect"][d][k] for k in expected} == {k: round(v, 6) for k, v in expected.items()}

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from anodiff.noise import gaussian, make_noise, noise_kwargs, simplex
+from anodiff.noise import for_batch, gaussian, noise_kwargs, simplex
+from anodiff.noisegen import NoiseGenerator
 
 SHAPE = (4, 3, 32, 32)
 
@@ -18,9 +19,10 @@ def _neighbour_corr(z):
 
 @pytest.mark.parametrize("kind", ["gaussian", "simplex"])
 def test_shape_dtype_and_determinism(kind):
-    a = make_noise(kind, SHAPE, _gen(0))
-    b = make_noise(kind, SHAPE, _gen(0))
-    c = make_noise(kind, SHAPE, _gen(1))
+    x = torch.zeros(SHAPE)
+    a = for_batch(x, _gen(0), kind=kind)
+    b = for_batch(x, _gen(0), kind=kind)
+    c = for_batch(x, _gen(1), kind=kind)
     assert a.shape == SHAPE and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
@@ -58,14 +60,18 @@ def test_simplex_frequency_scales_structure():
 
 
 def test_simplex_kwargs_pass_through_and_device():
-    a = make_noise("simplex", SHAPE, _gen(7), device="cpu", octaves=2, persistence=0.5, frequency=32.0)
+    a = for_batch(torch.zeros(SHAPE), _gen(7), kind="simplex",
+                  simplex_kw=dict(octaves=2, persistence=0.5, frequency=32.0))
     b = simplex(SHAPE, _gen(7), octaves=2, persistence=0.5, frequency=32.0)
     assert torch.equal(a, b) and a.device.type == "cpu"
+    assert torch.equal(for_batch(torch.zeros(SHAPE), _gen(7)), gaussian(SHAPE, _gen(7)))
+    # the batch's dtype (its values are not used)
+    assert torch.equal(for_batch(torch.ones(SHAPE, dtype=torch.float64), _gen(7)), gaussian(SHAPE, _gen(7)).double())
 
 
 def test_unknown_kind_and_bad_args():
     with pytest.raises(ValueError, match="unknown noise kind"):
-        make_noise("perlin", SHAPE, _gen(0))
+        for_batch(torch.zeros(SHAPE), _gen(0), kind="perlin")
     with pytest.raises(ValueError):
         simplex(SHAPE, _gen(0), octaves=0)
 
@@ -84,3 +90,49 @@ def test_simplex_image_size_sets_the_scale_for_crops():
     own_scale = _neighbour_corr(simplex((4, 3, 16, 16), _gen(8), octaves=1))
     assert crop_of_big > own_scale
     assert torch.equal(simplex(SHAPE, _gen(9), image_size=32), simplex(SHAPE, _gen(9)))
+
+
+# ---------------------------------------------------------------------- GAN noise
+def _generator_net(residual):
+    torch.manual_seed(1)
+    net = NoiseGenerator(3, 4, 2, 1.5, residual=residual)
+    if residual:  # move the zero-initialised last conv, so the correction is not 0
+        with torch.no_grad():
+            net.conv_out.weight.normal_(0, 0.3, generator=_gen(2))
+    return net.eval()
+
+
+def _batch():
+    return torch.rand((2, 3, 8, 8), generator=_gen(0)) * 2 - 1
+
+
+@torch.no_grad()
+def test_gan_noise_of_a_residual_generator_corrects_gaussian_noise_from_the_generator():
+    net, x = _generator_net(True), _batch()
+    gen = _gen(4)
+    out = for_batch(x, gen, net=net)
+    ref = _gen(4)
+    expected = net(x, gaussian(x.shape, ref))
+    assert torch.equal(out, expected) and torch.equal(gen.get_state(), ref.get_state())  # one draw of x's shape
+    # golden values, from the GAN's former `noise_for`, which this replaces
+    assert out[0, 0, 0, :4].tolist() == [-0.8885703086853027, 0.7479020357131958, 0.36911243200302124,
+                                         -1.0834599733352661]
+    assert out[1, 2, 7, :3].tolist() == [-0.6226832270622253, 0.578643798828125, 0.02074611186981201]
+    assert out.double().sum().item() == pytest.approx(-30.169414021074772, abs=1e-9)
+
+
+@torch.no_grad()
+def test_gan_noise_of_the_reports_generator_draws_nothing():
+    net, x = _generator_net(False), _batch()
+    gen = _gen(4)
+    before = gen.get_state()
+    out = for_batch(x, gen, net=net)
+    assert torch.equal(out, net(x)) and torch.equal(gen.get_state(), before)
+    assert out[0, 0, 0, :4].tolist() == [0.07800013571977615, 0.5797879695892334, 0.2362520545721054,
+                                         0.43594416975975037]
+    assert out.double().sum().item() == pytest.approx(18.160558586008847, abs=1e-9)
+
+
+def test_gan_noise_corrects_gaussian_noise_only():
+    with pytest.raises(ValueError, match="corrects Gaussian noise"):
+        for_batch(_batch(), _gen(0), kind="simplex", net=_generator_net(True))

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from anodiff import cli, io
-from anodiff.detector import InferSettings
-from anodiff.train import save_ddpm
+from anodiff.config import to_dict
+from conftest import infer_settings
+from anodiff.checkpoint import save_ddpm
 from anodiff.unet import UNet
 
 SIZE = 8
@@ -27,13 +28,13 @@ def _save_ckpt(path, size=SIZE, channels=3):
     meta = {"schedule": {"timesteps": 10, "kind": "linear", "beta_start": 1e-4, "beta_end": 0.02},
             "noise": "gaussian", "noise_kw": {}}
     save_ddpm(path, model, model, torch.optim.Adam(model.parameters()), 0,
-              torch.Generator().manual_seed(0).get_state(), model.arch_config(), meta)
+              torch.Generator().manual_seed(0).get_state(), meta)
     return path
 
 
 def _save_maps(folder, size=SIZE, normalize="pixel"):
-    settings = InferSettings().as_dict()
-    settings.update(t_start=5, steps=1, n_seeds=2, batch_size=2, sigma=1.0, normalize=normalize)
+    settings = to_dict(infer_settings(t_start=5, steps=1, n_seeds=2, batch_size=2, sigma=1.0, normalize=normalize,
+                                      score="topk", topk=0.01, error="abs"))
     folder.mkdir(parents=True, exist_ok=True)
     io.write_json(folder / "meta.json", {"method": "ddpm", "settings": settings})
     stats = {}
@@ -259,3 +260,14 @@ def test_console_script_help():
     res = subprocess.run([str(exe), "predict", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--checkpoint" in res.stdout and "--maps" in res.stdout
+
+
+def test_predict_uses_the_checkpoint_infer_recorded(art, capsys):
+    """dvc.yaml maps a method to its files; infer records them in meta.json and predict reads them."""
+    argv = _argv(art, art["single"])
+    i = argv.index("--checkpoint")
+    del argv[i:i + 2]
+    meta = io.read_json(art["maps"] / "meta.json")
+    _bad(art, capsys, argv, "no 'model' recorded")
+    io.write_json(art["maps"] / "meta.json", {**meta, "model": str(art["ckpt"])})
+    assert cli.main(argv) == 0

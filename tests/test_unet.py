@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anodiff.unet import UNet, timestep_embedding
@@ -95,3 +96,21 @@ def test_gradients_reach_every_parameter_after_one_step():
 def test_timestep_embedding_shape():
     e = timestep_embedding(torch.tensor([0, 1, 2]), 9)
     assert e.shape == (3, 9) and torch.equal(e[0, :4], torch.ones(4))
+
+
+def test_res_block_serves_both_networks():
+    from anodiff.unet import ResBlock
+    torch.manual_seed(0)
+    unet_block = ResBlock(4, 8, time_dim=6)
+    assert list(unet_block.state_dict()) == [f"{m}.{p}" for m in ("norm1", "conv1", "time", "norm2", "conv2", "skip")
+                                             for p in ("weight", "bias")]
+    assert not unet_block.conv2.weight.any()  # starts as the identity on its skip path
+    torch.manual_seed(0)
+    gan_block = ResBlock(4, 4, dilation=2, act="leaky", zero_init=False)
+    assert list(gan_block.state_dict()) == [f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2")
+                                            for p in ("weight", "bias")]
+    x = torch.randn(1, 4, 6, 6)
+    h = gan_block.conv1(F.leaky_relu(gan_block.norm1(x), 0.2))
+    assert torch.equal(gan_block(x), x + gan_block.conv2(F.leaky_relu(gan_block.norm2(h), 0.2)))
+    with pytest.raises(ValueError, match="act must be one of"):
+        ResBlock(4, 4, act="relu")

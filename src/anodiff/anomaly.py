@@ -1,7 +1,7 @@
 """Anomaly maps: partially noise, denoise with a model that knows only normal images, compare.
 
 The map of an image is built in explicit steps, each a plain function:
-  reconstruct (at one or more noise levels) -> error_map (abs | sq | ssim | feature | combined)
+  reconstruct (at one or more noise levels, optionally guided by the input) -> error_map (abs | sq)
   -> smooth -> Calibration (fitted on normal val images) -> map,
 and the image score is a statistic (max or top-k mean) of a calibrated map.
 """
@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as nnf
 from torchvision.transforms.functional import gaussian_blur
 
-ERRORS = ("abs", "sq", "ssim", "feature", "combined")
+ERRORS = ("abs", "sq")
 
 
 def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start: int, steps: int,
@@ -27,72 +26,12 @@ def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start:
     return schedule.denoise(model, x_t, t_start, steps, guide=x0, guidance=guidance)
 
 
-def _gaussian_window(sigma: float, device) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    g = torch.exp(-(xs**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, averaged over channels -> (B,1,H,W).
-
-    Written here because torchvision has no per-pixel SSIM and torchmetrics would be a
-    dependency for ten lines; inputs are in [-1, 1] (dynamic range L = 2).
-    """
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    g = _gaussian_window(sigma, x.device)
-    channels = x.shape[1]
-    kx = g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    ky = g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    pad = g.numel() // 2
-
-    def blur(z):  # separable Gaussian, reflect padding keeps borders honest
-        z = nnf.conv2d(nnf.pad(z, (pad, pad, 0, 0), mode="reflect"), kx, groups=channels)
-        return nnf.conv2d(nnf.pad(z, (0, 0, pad, pad), mode="reflect"), ky, groups=channels)
-
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx * mx
-    vy = blur(y * y) - my * my
-    cxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean(dim=1, keepdim=True)
-
-
-@torch.no_grad()
-def feature_distance(model, x: torch.Tensor, x_hat: torch.Tensor, t_feat: int = 0) -> torch.Tensor:
-    """1 - cosine similarity of the DDPM's own encoder features of x and x_hat -> (B,1,H,W).
-
-    The denoiser's encoder already knows the texture of normal images, and needs no download;
-    comparing there is far less sensitive to pixel-exact texture re-synthesis than |x - x_hat|.
-    """
-    t = torch.full((x.shape[0],), t_feat, dtype=torch.long, device=x.device)
-    _, fa = model(x, t, return_features=True)
-    _, fb = model(x_hat, t, return_features=True)
-    size = x.shape[-2:]
-    out = torch.zeros(x.shape[0], 1, *size, device=x.device)
-    for a, b in zip(fa, fb):
-        d = 1.0 - nnf.cosine_similarity(a, b, dim=1).unsqueeze(1)  # (B,1,h,w)
-        out += nnf.interpolate(d, size=size, mode="bilinear", align_corners=False)
-    return out / len(fa)
-
-
-def error_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "abs", model=None) -> torch.Tensor:
+def error_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "abs") -> torch.Tensor:
     """Per-pixel difference between input and reconstruction -> (B,1,H,W), larger = more anomalous."""
     if kind == "abs":
         return (x - x_hat).abs().mean(dim=1, keepdim=True)
     if kind == "sq":
         return (x - x_hat).pow(2).mean(dim=1, keepdim=True)
-    if kind == "ssim":
-        return 1.0 - ssim_map(x, x_hat)
-    if kind == "feature":
-        if model is None:
-            raise ValueError("error 'feature' needs the model")
-        return feature_distance(model, x, x_hat)
-    if kind == "combined":
-        # each term standardised by its own batch scale would leak test statistics; instead
-        # both are bounded-range quantities of similar magnitude, summed as is
-        return error_map(x, x_hat, "abs") + error_map(x, x_hat, "feature", model)
     raise ValueError(f"unknown error kind {kind!r}; expected one of {ERRORS}")
 
 

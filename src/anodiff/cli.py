@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from anodiff import io, plots
-from anodiff.detector import Detector, InferSettings
+from anodiff.config import Infer
+from anodiff.detector import Detector
 from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
 
 
@@ -38,30 +39,27 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _read_artefact(path, reader):
-    """Read a file written by infer/evaluate; a corrupt one is a one-line error naming it."""
-    try:
-        return reader(path)
-    except Exception as exc:  # json, numpy and zipfile raise many types for damaged files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable ({first})") from None
-
-
 def load_detector(args) -> tuple[Detector, dict]:
     maps_dir = Path(args.maps or f"data/maps/{args.method}")
-    ddpm = Path(args.checkpoint or f"data/models/{'rddpm' if args.method == 'rddpm' else 'ddpm'}.pt")
-    generator = Path(args.generator or "data/models/gan_generator.pt") if args.method == "gan" else None
     meta_path, npz_path = maps_dir / "meta.json", maps_dir / "maps.npz"
     for p in (meta_path, npz_path):
         if not p.exists():
             raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
-    meta = _read_artefact(meta_path, io.read_json)
+    meta = io.read_artefact(meta_path, io.read_json)
     stored = meta.get("settings") if isinstance(meta, dict) else None
-    allowed = set(InferSettings.__dataclass_fields__)
-    if not isinstance(stored, dict) or set(stored) - allowed:
-        raise CheckpointError(f"{meta_path}: no valid 'settings' (expected keys among {sorted(allowed)}); "
-                              f"rerun `dvc repro infer@{args.method}`")
-    settings = InferSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    try:
+        settings = Infer.model_validate(stored)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise CheckpointError(f"{meta_path}: no valid 'settings' (expected the keys {sorted(Infer.model_fields)}: "
+                              f"{str(exc).splitlines()[1] if stored else 'none stored'}); "
+                              f"rerun `dvc repro infer@{args.method}`") from None
+    # the files infer used: dvc.yaml maps a method to them and infer records them beside its maps
+    if not (args.checkpoint or meta.get("model")):
+        raise CheckpointError(f"{meta_path}: no 'model' recorded; rerun `dvc repro infer@{args.method}` "
+                              f"(or pass --checkpoint)")
+    ddpm = Path(args.checkpoint or meta["model"])
+    generator = args.generator or meta.get("generator")
+    generator = Path(generator) if generator else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
     for t, steps, _ in det.plan():  # settings stored for another checkpoint may not fit this schedule
@@ -70,7 +68,7 @@ def load_detector(args) -> tuple[Detector, dict]:
         except ValueError as exc:
             raise CheckpointError(f"{meta_path}: settings do not fit {ddpm} ({det.schedule.timesteps} "
                                   f"timesteps: {exc}); rerun `dvc repro infer@{args.method}`") from None
-    arrays = _read_artefact(npz_path, io.load_npz)
+    arrays = io.read_artefact(npz_path, io.load_npz)
     kinds = meta.get("calibration") or {}
     if settings.normalize == "auto" and not kinds:
         raise CheckpointError(f"{meta_path}: no 'calibration' chosen on val; rerun `dvc repro infer@{args.method}`")
@@ -88,7 +86,7 @@ def load_detector(args) -> tuple[Detector, dict]:
     metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
     thresholds = {"pixel": None, "image": None}
     if metrics_path.exists():
-        stored_thr = _read_artefact(metrics_path, io.read_json)
+        stored_thr = io.read_artefact(metrics_path, io.read_json)
         stored_thr = stored_thr.get("thresholds") if isinstance(stored_thr, dict) else None
         thresholds.update({k: v for k, v in (stored_thr or {}).items() if k in thresholds})
     if args.threshold is not None:
@@ -128,8 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--method", choices=("ddpm", "rddpm", "gan"), default="ddpm")
     p.add_argument("--out", default="predictions", help="output folder (replaced whole)")
-    p.add_argument("--checkpoint", help="DDPM checkpoint (default data/models/<ddpm|rddpm>.pt)")
-    p.add_argument("--generator", help="GAN generator checkpoint (method gan)")
+    p.add_argument("--checkpoint", help="DDPM checkpoint (default: the one infer used, from the maps' meta.json)")
+    p.add_argument("--generator", help="GAN generator checkpoint (default: the one infer used, for gan)")
     p.add_argument("--maps", help="folder written by infer (default data/maps/<method>)")
     p.add_argument("--metrics", help="metrics JSON holding the thresholds (default metrics/<method>.json)")
     p.add_argument("--threshold", type=float, help="image-score threshold (overrides the chosen one)")

@@ -1,266 +1,278 @@
-"""params.yaml -> typed, frozen sections, checked once.
+"""params.yaml -> typed, frozen sections, checked once (pydantic v2 models).
 
-`dvc exp run -S data.imagesize=64` silently adds a new key (treeverse/dvc#6282), so every key
-is checked here: an unknown key, a wrong type or an out-of-range value raises ConfigError with
-one line naming the key, the value and what is allowed, before a stage does any work.
+params.yaml is the one source of every value: the models here hold types and ranges only, no
+defaults, so a key missing from params.yaml is an error rather than a second, drifting default.
+`dvc exp run -S data.imagesize=64` silently adds a new key (treeverse/dvc#6282), so every key is
+checked: an unknown key, a wrong type or an out-of-range value raises ConfigError with one line
+naming the key, the value and what is allowed, before a stage does any work.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from anodiff.errors import ConfigError
 
 
-def _in(lo=None, hi=None, lo_open=False, hi_open=False):
-    """A range check stored in the field's metadata: (check, description)."""
-
-    def check(v):
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return False
-        return True
-
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
-    desc = f"a number in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-    return {"check": check, "desc": desc}
+def Num(tp, lo=None, hi=None, lo_open=False, hi_open=False):
+    """`tp` (int or float, never bool) within a range; open ends exclude the bound."""
+    bounds = {}
+    if lo is not None:
+        bounds["gt" if lo_open else "ge"] = lo
+    if hi is not None:
+        bounds["lt" if hi_open else "le"] = hi
+    return Annotated[tp, Field(**bounds)]
 
 
-def F(default, **rng):
-    """A field with a default and an optional range check."""
-    meta = _in(**rng) if rng else {}
-    if isinstance(default, (list, tuple)):
-        return field(default=tuple(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def List(item):
+    """A YAML list, held as a tuple (frozen)."""
+    return Annotated[tuple[item, ...], Field(strict=False)]
 
 
-@dataclass(frozen=True)
-class Augment:
-    balance: bool = True
-    flip_p: float = F(0.9, lo=0, hi=1)
-    rot90: bool = True
-    brightness: tuple[float, float] = F((0.9, 1.1))
+def _not_bool(value):
+    # a Literal of ints compares by ==, so `true` would pass as channels=1
+    if isinstance(value, bool):
+        raise PydanticCustomError("literal_error", "a boolean is not a choice here")
+    return value
 
 
-@dataclass(frozen=True)
-class Data:
-    source: str = "synthetic"
-    layout: Literal["auto", "mvtec", "marble", "folder"] = "auto"
-    image_size: int = F(64, lo=8, hi=1024)
-    channels: Literal[1, 3] = 3
-    contamination: float = F(0.1, lo=0, hi=1, hi_open=True)
-    skip_bad_files: bool = False
-    val_fraction: float = F(0.25, lo=0, hi=1, lo_open=True, hi_open=True)
-    train_anomalous_fraction: float = F(0.3, lo=0, hi=1, hi_open=True)
-    marble_normal: tuple[str, ...] = F(("good",))
-    marble_anomalous: tuple[str, ...] = F(("crack", "dot"))
-    augment: Augment = field(default_factory=Augment)
+class Section(BaseModel):
+    # strict: "64" is not 64; extra="forbid": a misspelt key is an error; no NaN or inf
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class Synth:
-    n_train_normal: int = F(160, lo=1)
-    n_train_anomalous: int = F(48, lo=0)
-    n_val_normal: int = F(24, lo=1)
-    n_val_anomalous: int = F(24, lo=1)
-    n_test_normal: int = F(40, lo=1)
-    n_test_anomalous: int = F(60, lo=1)
-    joint_fraction: float = F(0.15, lo=0, hi=1)
+class Augment(Section):
+    balance: bool
+    flip_p: Num(float, 0, 1)
+    rot90: bool
+    brightness: Annotated[tuple[float, float], Field(strict=False)]
 
 
-@dataclass(frozen=True)
-class DDPM:
-    noise: Literal["gaussian", "simplex"] = "gaussian"
-    timesteps: int = F(300, lo=2, hi=10000)
-    schedule: Literal["linear", "cosine"] = "linear"
-    beta_start: float = F(1e-4, lo=0, hi=1, lo_open=True, hi_open=True)
-    beta_end: float = F(0.02, lo=0, hi=1, lo_open=True, hi_open=True)
-    base_channels: int = F(32, lo=1)
-    channel_mults: tuple[int, ...] = F((1, 2, 2))
-    num_res_blocks: int = F(1, lo=1)
-    attention_resolutions: tuple[int, ...] = F((16,))
-    epochs: int = F(60, lo=1)
-    batch_size: int = F(16, lo=1)
-    train_crop: int = F(32, lo=0)
-    lr: float = F(3e-4, lo=0, lo_open=True)
-    grad_clip: float = F(1.0, lo=0, lo_open=True)
-    ema_decay: float = F(0.995, lo=0, hi=1, hi_open=True)
-    simplex_octaves: int = F(6, lo=1, hi=12)
-    simplex_persistence: float = F(0.8, lo=0, hi=1, lo_open=True)
-    simplex_frequency: float = F(64.0, lo=0, lo_open=True)
+class Data(Section):
+    source: Annotated[str, Field(min_length=1)]
+    layout: Literal["auto", "mvtec", "marble", "folder"]
+    image_size: Num(int, 8, 1024)
+    channels: Annotated[Literal[1, 3], BeforeValidator(_not_bool)]
+    contamination: Num(float, 0, 1, hi_open=True)
+    skip_bad_files: bool
+    val_fraction: Num(float, 0, 1, lo_open=True, hi_open=True)
+    train_anomalous_fraction: Num(float, 0, 1, hi_open=True)
+    marble_normal: List(Annotated[str, Field(min_length=1)])
+    marble_anomalous: List(Annotated[str, Field(min_length=1)])
+    augment: Augment
 
 
-@dataclass(frozen=True)
-class Robust:
-    loss: Literal["mse", "huber", "lts"] = "huber"
-    huber_delta: float = F(0.5, lo=0, lo_open=True)
-    lts_keep: float = F(0.8, lo=0, hi=1, lo_open=True)
+class Synth(Section):
+    n_train_normal: Num(int, 1)
+    n_train_anomalous: Num(int, 0)
+    n_val_normal: Num(int, 1)
+    n_val_anomalous: Num(int, 1)
+    n_test_normal: Num(int, 1)
+    n_test_anomalous: Num(int, 1)
+    joint_fraction: Num(float, 0, 1)
 
 
-@dataclass(frozen=True)
-class GAN:
-    lr: float = F(5e-4, lo=0, lo_open=True)
-    batch_size: int = F(16, lo=2)
-    epochs: int = F(5, lo=1)
-    n_critic: int = F(5, lo=1)
-    gp_weight: float = F(10.0, lo=0)
-    mse_weight: float = F(1.0, lo=0)
-    t: int = F(30, lo=1)
-    denoise_steps: int = F(1, lo=1)
-    bound: float = F(1.5, lo=0, lo_open=True)
-    base_channels: int = F(32, lo=1)
-    n_blocks: int = F(4, lo=1)
-    grad_clip: float = F(1.0, lo=0, lo_open=True)
-    crop: int = F(32, lo=0)
-    residual: bool = True
-    mse_target: Literal["gaussian", "paired", "input"] = "gaussian"
+class DDPM(Section):
+    noise: Literal["gaussian", "simplex"]
+    timesteps: Num(int, 2, 10000)
+    schedule: Literal["linear", "cosine"]
+    beta_start: Num(float, 0, 1, lo_open=True, hi_open=True)
+    beta_end: Num(float, 0, 1, lo_open=True, hi_open=True)
+    base_channels: Num(int, 1)
+    channel_mults: List(Num(int, 1))
+    num_res_blocks: Num(int, 1)
+    attention_resolutions: List(Num(int, 1))
+    epochs: Num(int, 1)
+    batch_size: Num(int, 1)
+    train_crop: Num(int, 0)
+    lr: Num(float, 0, lo_open=True)
+    grad_clip: Num(float, 0, lo_open=True)
+    ema_decay: Num(float, 0, 1, hi_open=True)
+    simplex_octaves: Num(int, 1, 12)
+    simplex_persistence: Num(float, 0, 1, lo_open=True)
+    simplex_frequency: Num(float, 0, lo_open=True)
 
 
-@dataclass(frozen=True)
-class Infer:
-    t_start: int = F(30, lo=1)
-    steps: int = F(1, lo=1)
-    t_starts: tuple[int, ...] = F(())
-    n_seeds: int = F(8, lo=1)
-    level_steps: tuple[int, ...] = F((), lo=1)
-    guidance: tuple[float, ...] = F((), lo=0)
-    error: Literal["abs", "sq", "ssim", "feature", "combined"] = "abs"
-    sigma: float = F(2.0, lo=0)
-    normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"] = "auto"
-    score: Literal["max", "topk"] = "max"
-    topk: float = F(0.01, lo=0, hi=1, lo_open=True)
-    batch_size: int = F(16, lo=1)
+class Robust(Section):
+    loss: Literal["mse", "huber", "lts"]
+    huber_delta: Num(float, 0, lo_open=True)
+    lts_keep: Num(float, 0, 1, lo_open=True)
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = F(0, lo=0)
-    data: Data = field(default_factory=Data)
-    synth: Synth = field(default_factory=Synth)
-    ddpm: DDPM = field(default_factory=DDPM)
-    robust: Robust = field(default_factory=Robust)
-    gan: GAN = field(default_factory=GAN)
-    infer: Infer = field(default_factory=Infer)
-
-    def __post_init__(self):
-        # Cross-field checks: they name both keys.
-        T = self.ddpm.timesteps
-        for key, value in [("infer.t_start", self.infer.t_start), ("gan.t", self.gan.t)]:
-            if value >= T:
-                raise ConfigError(f"params.yaml: {key}: {value} must be below ddpm.timesteps ({T})")
-        for v in self.infer.t_starts:
-            if not 1 <= v < T:
-                raise ConfigError(f"params.yaml: infer.t_starts: {v} must be in [1, ddpm.timesteps={T})")
-        levels = self.infer.t_starts or (self.infer.t_start,)
-        where = "infer.t_starts" if self.infer.t_starts else "[infer.t_start]"
-        for key in ("level_steps", "guidance"):
-            value = getattr(self.infer, key)
-            if value and len(value) != len(levels):
-                raise ConfigError(f"params.yaml: infer.{key}: {list(value)} must have one entry per noise level "
-                                  f"({where} has {len(levels)}), or be []")
-        for t, k in zip(levels, self.infer.level_steps or (self.infer.steps,) * len(levels)):
-            if k > t + 1:
-                raise ConfigError(f"params.yaml: infer steps {k} at noise level {t} must be at most t + 1 = {t + 1}")
-        lo, hi = self.data.augment.brightness
-        if not 0 < lo <= hi:
-            raise ConfigError(f"params.yaml: data.augment.brightness: {[lo, hi]} must be [low, high] with 0 < low <= high")
-        if self.ddpm.beta_start >= self.ddpm.beta_end:
-            raise ConfigError("params.yaml: ddpm.beta_start must be below ddpm.beta_end")
-        size = self.data.image_size
-        factor = 2 ** (len(self.ddpm.channel_mults) - 1)
-        for key, value in [("data.image_size", size), ("ddpm.train_crop", self.ddpm.train_crop),
-                           ("gan.crop", self.gan.crop)]:
-            if value % factor:
-                raise ConfigError(f"params.yaml: {key}: {value} must be divisible by {factor} "
-                                  f"(2 ** (len(ddpm.channel_mults) - 1))")
+class GAN(Section):
+    lr: Num(float, 0, lo_open=True)
+    batch_size: Num(int, 2)
+    epochs: Num(int, 1)
+    n_critic: Num(int, 1)
+    gp_weight: Num(float, 0)
+    mse_weight: Num(float, 0)
+    t: Num(int, 1)
+    denoise_steps: Num(int, 1)
+    bound: Num(float, 0, lo_open=True)
+    base_channels: Num(int, 1)
+    n_blocks: Num(int, 1)
+    grad_clip: Num(float, 0, lo_open=True)
+    crop: Num(int, 0)
+    residual: bool
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+class Infer(Section):
+    t_start: Num(int, 1)
+    steps: Num(int, 1)
+    t_starts: List(Num(int, 1))
+    level_steps: List(Num(int, 1))
+    guidance: List(Num(float, 0))
+    n_seeds: Num(int, 1)
+    error: Literal["abs", "sq"]
+    sigma: Num(float, 0)
+    normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"]
+    score: Literal["max", "topk"]
+    topk: Num(float, 0, 1, lo_open=True)
+    batch_size: Num(int, 1)
+
+    def plan(self) -> list[tuple[int, int, float]]:
+        """(t_start, steps, guidance) per noise level: t_starts with their level_steps and
+        guidance, or the single level t_start with steps, unguided."""
+        ts = self.t_starts or (self.t_start,)
+        steps = self.level_steps or (self.steps,) * len(ts)
+        guidance = self.guidance or (0.0,) * len(ts)
+        return list(zip(ts, steps, guidance, strict=True))
 
 
-def _coerce(key: str, tp, value):
-    """Check `value` against the annotation `tp`; return it converted (lists -> tuples)."""
-    bad = ConfigError(f"params.yaml: {key}: {value!r} is not {_type_name(tp)}")
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        # bool is an int subclass: `true` must not pass as channels=1
-        if isinstance(value, bool) or value not in allowed:
-            raise bad
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        args = typing.get_args(tp)
-        item_tp = args[0]
-        if len(args) == 2 and args[1] is not Ellipsis:
-            if len(value) != 2:
-                raise ConfigError(f"params.yaml: {key}: {value!r} must be a list of 2 numbers")
-        return tuple(_coerce(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise bad
-        return value
-    raise TypeError(f"unsupported annotation {tp} for {key}")
+class Params(Section):
+    seed: Num(int, 0)
+    data: Data
+    synth: Synth
+    ddpm: DDPM
+    robust: Robust
+    gan: GAN
+    infer: Infer
 
 
-def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"params.yaml: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"params.yaml: {prefix}{unknown[0]}: unknown key; allowed under "
-                          f"{prefix.rstrip('.') or 'top level'}: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        key, tp = prefix + name, hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".")
-            continue
-        value = _coerce(key, tp, value)
-        meta = fields[name].metadata
-        if "check" in meta:
-            for v in value if isinstance(value, tuple) else (value,):
-                if not meta["check"](v):
-                    raise ConfigError(f"params.yaml: {key}: {value!r} is out of range; allowed: {meta['desc']}")
-        kwargs[name] = value
-    return cls(**kwargs)
+def _cross_checks(p: Params) -> None:
+    """Checks that involve two keys: the message names both."""
+    T = p.ddpm.timesteps
+    for key, value in [("infer.t_start", p.infer.t_start), ("gan.t", p.gan.t)]:
+        if value >= T:
+            raise ConfigError(f"params.yaml: {key}: {value} must be below ddpm.timesteps ({T})")
+    for v in p.infer.t_starts:
+        if not v < T:
+            raise ConfigError(f"params.yaml: infer.t_starts: {v} must be in [1, ddpm.timesteps={T})")
+    levels = p.infer.t_starts or (p.infer.t_start,)
+    where = "infer.t_starts" if p.infer.t_starts else "[infer.t_start]"
+    for key in ("level_steps", "guidance"):
+        value = getattr(p.infer, key)
+        if value and len(value) != len(levels):
+            raise ConfigError(f"params.yaml: infer.{key}: {list(value)} must have one entry per noise level "
+                              f"({where} has {len(levels)}), or be []")
+    for t, k, _ in p.infer.plan():
+        if k > t + 1:
+            raise ConfigError(f"params.yaml: infer steps {k} at noise level {t} must be at most t + 1 = {t + 1}")
+    lo, hi = p.data.augment.brightness
+    if not 0 < lo <= hi:
+        raise ConfigError(f"params.yaml: data.augment.brightness: {[lo, hi]} must be [low, high] with 0 < low <= high")
+    if p.ddpm.beta_start >= p.ddpm.beta_end:
+        raise ConfigError("params.yaml: ddpm.beta_start must be below ddpm.beta_end")
+    factor = 2 ** (len(p.ddpm.channel_mults) - 1)
+    for key, value in [("data.image_size", p.data.image_size), ("ddpm.train_crop", p.ddpm.train_crop),
+                       ("gan.crop", p.gan.crop)]:
+        if value % factor:
+            raise ConfigError(f"params.yaml: {key}: {value} must be divisible by {factor} "
+                              f"(2 ** (len(ddpm.channel_mults) - 1))")
+
+
+# ---------------------------------------------------------------- pydantic errors -> one line
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _field_at(loc) -> tuple[type | None, object]:
+    """(the section model holding the last named key, the annotation at loc) for an error's loc."""
+    model, tp = None, Params
+    for part in loc:
+        if isinstance(part, int):  # an item of a list
+            tp = typing.get_args(_strip(tp))[0]
+        elif isinstance(_strip(tp), type) and issubclass(_strip(tp), BaseModel):
+            model = _strip(tp)
+            if part not in model.model_fields:
+                return model, None
+            info = model.model_fields[part]
+            tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        else:
+            return model, None
+    return model, tp
+
+
+def _strip(tp):
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _describe(tp, with_range: bool = False) -> str:
+    """"one of 'a', 'b'", 'a list', 'an integer', or with_range 'a number in [0, 1)'."""
+    base = _strip(tp)
+    if typing.get_origin(base) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(base))
+    if typing.get_origin(base) is tuple:
+        args = typing.get_args(base)
+        return f"a list of {len(args)} numbers" if args and args[-1] is not Ellipsis else "a list"
+    bounds = {}
+    for meta in typing.get_args(tp)[1:] if with_range and typing.get_origin(tp) is Annotated else ():
+        for m in getattr(meta, "metadata", [meta]):
+            for name in ("ge", "gt", "le", "lt"):
+                if isinstance(m, getattr(annotated_types, name.capitalize())):
+                    bounds[name] = getattr(m, name)
+    if bounds:
+        lo = bounds.get("ge", bounds.get("gt", "-inf"))
+        hi = bounds.get("le", bounds.get("lt", "inf"))
+        return f"a number in {'(' if 'gt' in bounds else '['}{lo}, {hi}{')' if 'lt' in bounds else ']'}"
+    return _TYPE_NAMES.get(getattr(base, "__name__", ""), str(base))
+
+
+def _message(err: dict, raw: dict) -> str:
+    loc = [p for p in err["loc"]]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "top level"
+    kind = err["type"]
+    model, tp = _field_at(loc)
+    if kind == "extra_forbidden":
+        parent = ".".join(str(p) for p in loc[:-1]) or "top level"
+        return f"params.yaml: {key}: unknown key; allowed under {parent}: {', '.join(model.model_fields)}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list too short
+        key = key.rsplit("[", 1)[0]
+        return f"params.yaml: {key}: must be {_describe(_field_at(loc[:-1])[1])}"
+    if kind == "missing":
+        return (f"params.yaml: {key}: missing; every key must be set in params.yaml "
+                f"(the repository's params.yaml lists them all)")
+    value = err.get("input")
+    if kind in ("model_type", "dict_type"):
+        return f"params.yaml: {key}: expected a mapping, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"params.yaml: {key}: {value!r} is out of range; allowed: {_describe(tp, with_range=True)}"
+    if kind == "too_short" and _strip(tp) is str:
+        return f"params.yaml: {key}: {value!r} is not {_describe(tp)}"
+    if kind in ("too_short", "too_long") and typing.get_origin(_strip(tp)) is tuple:
+        return f"params.yaml: {key}: {value!r} must be {_describe(tp)}"
+    return f"params.yaml: {key}: {value!r} is not {_describe(tp) if tp is not None else err['msg']}"
 
 
 def parse_params(raw: dict) -> Params:
-    """Typed params from an already-loaded mapping (missing keys take their defaults)."""
-    return _build(Params, raw, "")
+    """Typed params from an already-loaded mapping; every key must be present."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: top level: expected a mapping, got {raw!r}")
+    try:
+        p = Params.model_validate(raw)
+    except ValidationError as exc:
+        # a misspelt key first (its correct twin is then reported missing), missing keys last
+        order = {"extra_forbidden": 0, "missing": 2}
+        first = min(exc.errors(), key=lambda e: order.get(e["type"], 1))
+        raise ConfigError(_message(first, raw)) from None
+    _cross_checks(p)
+    return p
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -276,12 +288,4 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def to_dict(obj) -> dict:
     """Plain, JSON/YAML-friendly dict of a params section (tuples become lists)."""
-
-    def plain(v):
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(obj))
+    return obj.model_dump(mode="json")

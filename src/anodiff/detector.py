@@ -12,42 +12,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anodiff import anomaly, gan, noise
+from anodiff import anomaly, checkpoint, noise
+from anodiff.config import Infer
 from anodiff.errors import CheckpointError
+from anodiff.noisegen import NoiseGenerator
 from anodiff.schedule import Schedule
-from anodiff.train import load_ddpm
-
-
-@dataclass
-class InferSettings:
-    """The infer.* params that shape a map (stored with the maps so predict reuses them)."""
-
-    t_start: int = 60
-    steps: int = 5
-    t_starts: tuple = ()
-    n_seeds: int = 1
-    level_steps: tuple = ()  # DDIM steps per entry of t_starts (empty: `steps` for each)
-    guidance: tuple = ()  # DDAD weight per entry of t_starts (empty: 0, unconditioned, for each)
-    error: str = "abs"
-    sigma: float = 2.0
-    normalize: str = "image"  # auto (chosen on val) or one of anomaly.CALIBRATIONS
-    score: str = "topk"
-    topk: float = 0.01
-    batch_size: int = 16
-
-    @classmethod
-    def from_config(cls, cfg) -> "InferSettings":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
-
-    def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+from anodiff.unet import UNet
 
 
 @dataclass
 class Detector:
     model: torch.nn.Module
     schedule: Schedule
-    settings: InferSettings
+    settings: Infer  # the infer.* params that shape a map (stored with the maps so predict reuses them)
     image_size: int
     channels: int
     generator_net: torch.nn.Module | None = None  # the GAN's noise generator, if any
@@ -58,8 +35,8 @@ class Detector:
     score_cal: anomaly.Calibration | None = None
 
     @classmethod
-    def load(cls, ddpm_path, settings: InferSettings, generator_path=None, device="cpu") -> "Detector":
-        model, ckpt = load_ddpm(ddpm_path, device=device)
+    def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu") -> "Detector":
+        model, ckpt = checkpoint.load(ddpm_path, UNet, device=device)
         meta = ckpt.get("meta", {})
         if "schedule" not in meta:
             raise CheckpointError(f"{ddpm_path}: checkpoint has no schedule metadata; rerun its training stage")
@@ -68,7 +45,7 @@ class Detector:
                   image_size=int(arch["image_size"]), channels=int(arch["in_channels"]),
                   noise_kind=meta.get("noise", "gaussian"), noise_kw=dict(meta.get("noise_kw", {})))
         if generator_path is not None:
-            net, gckpt = gan.load_generator(generator_path, device=device)
+            net, gckpt = checkpoint.load(generator_path, NoiseGenerator, device=device)
             gmeta = gckpt["meta"]
             det.generator_net = net
             det.fixed_t = (int(gmeta["t"]), int(gmeta["denoise_steps"]))
@@ -85,17 +62,12 @@ class Detector:
         that, unguided."""
         if self.generator_net is not None:
             return [(*self.fixed_t, 0.0)] * (self.settings.n_seeds if self.generator_net.residual else 1)
-        s = self.settings
-        ts = s.t_starts or (s.t_start,)
-        steps = s.level_steps or (s.steps,) * len(ts)
-        guidance = s.guidance or (0.0,) * len(ts)
-        return [(t, int(k), float(w)) for t, k, w in zip(ts, steps, guidance, strict=True)
-                for _ in range(s.n_seeds)]
+        return [level for level in self.settings.plan() for _ in range(self.settings.n_seeds)]
 
     def make_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.generator_net is not None:
-            return gan.noise_for(self.generator_net, x, generator)
-        return noise.make_noise(self.noise_kind, tuple(x.shape), generator, **self.noise_kw).to(x.device)
+        if self.generator_net is not None:  # it corrects Gaussian noise, whatever the DDPM was trained on
+            return noise.for_batch(x, generator, net=self.generator_net)
+        return noise.for_batch(x, generator, kind=self.noise_kind, simplex_kw=self.noise_kw)
 
     def levels(self) -> list[int]:
         """The distinct noise levels of the plan, in order: the T axis of raw maps."""
@@ -119,7 +91,7 @@ class Detector:
                 x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator), t, steps,
                                             guidance=guidance)
                 i = levels.index(t)
-                acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error, model=self.model)
+                acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error)
                 count[i] += 1
                 first = x_hat if first is None else first
             acc = acc / torch.tensor(count, dtype=acc.dtype, device=acc.device).view(1, -1, 1, 1)
@@ -138,16 +110,6 @@ class Detector:
         for cal in {id(self.map_cal): self.map_cal, id(self.score_cal): self.score_cal}.values():
             if cal.kind in anomaly.CALIBRATED:
                 cal.fit(normal_raw)
-
-    def fit_stats(self, normal_raw_maps: torch.Tensor) -> None:
-        """Calibrate with the fixed `settings.normalize` (not `auto`)."""
-        self.calibrate(normal_raw_maps)
-
-    @property
-    def stats(self):
-        """The map's fitted calibration, or None when it needs no normal images."""
-        cal = self.map_cal
-        return cal if cal is not None and cal.kind in anomaly.CALIBRATED else None
 
     def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated maps (N, 1, H, W) and image scores (N,) from raw maps (N, T, H, W).

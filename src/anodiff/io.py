@@ -71,6 +71,16 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def read_artefact(path, reader):
+    """`reader(path)` for a file a stage wrote (JSON; `load_npz` for arrays); a damaged file is
+    one CheckpointError line naming it, whatever json, numpy or zipfile raised."""
+    try:
+        return reader(path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable ({first})") from None
+
+
 def write_csv(path, frame: pd.DataFrame) -> None:
     with atomic_write(path, "w") as fh:
         frame.to_csv(fh, index=False, lineterminator="\n")
@@ -97,6 +107,11 @@ def list_images(folder) -> list[Path]:
 def list_files(folder) -> list[Path]:
     """Every visible file in `folder` (images or not), for reporting non-images."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def list_dirs(folder) -> list[str]:
+    """Names of the visible subfolders of `folder`, sorted."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _open(path) -> Image.Image:

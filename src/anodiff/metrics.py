@@ -3,8 +3,8 @@
 Definitions follow anomalib and the MVTec AD papers, and avoid AnoDDPM's pitfalls
 (fixed 0.5 threshold, per-image AUROC averaged, swapped precision/recall):
 
-- Pixel AUROC / AP: pooled over *all* test pixels of all images (scikit-learn).
-- F1-max: best F1 over every distinct threshold of scikit-learn's precision-recall curve.
+- Pixel AUROC / AP: pooled over *all* test pixels of all images (scikit-learn's definitions).
+- F1-max: best F1 over every distinct threshold of the precision-recall curve.
 - AUPRO: the per-region overlap (PRO) curve of Bergmann et al. (MVTec AD, IJCV 2021),
   integrated up to a global FPR of ``fpr_limit`` (0.3) and divided by ``fpr_limit``:
   * regions are the connected components of each image's ground-truth mask with
@@ -26,6 +26,10 @@ Definitions follow anomalib and the MVTec AD papers, and avoid AnoDDPM's pitfall
 
 A prediction is always ``score >= threshold`` (scikit-learn's convention), everywhere here.
 Undefined values (one class only, no region, no mask) are ``None``, never NaN or absent.
+
+Inputs are checked once, by the public functions here; the sums run in ``anodiff.curves``.
+``evaluate`` sorts all test pixels once and reads every pixel metric of the whole test set
+and of each defect type from that one sort.
 """
 
 from __future__ import annotations
@@ -34,64 +38,35 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
-from sklearn.metrics import (
-    auc,
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
+
+from anodiff import curves
 
 __all__ = [
-    "METRIC_KEYS",
-    "pixel_auroc",
-    "pixel_ap",
-    "f1_max",
-    "pro_curve",
-    "aupro",
-    "dice",
-    "choose_threshold",
-    "choose_thresholds",
-    "image_auroc",
-    "image_ap",
-    "evaluate",
-    "evaluate_maps",
-    "roc_curve_table",
-    "pr_curve_table",
-    "image_roc_curve_table",
-    "image_pr_curve_table",
+    "METRIC_KEYS", "pixel_auroc", "pixel_ap", "f1_max", "pro_curve", "aupro", "dice",
+    "choose_threshold", "choose_thresholds", "image_auroc", "image_ap", "evaluate",
+    "roc_curve_table", "pr_curve_table",
 ]
 
 #: keys of metrics/<method>.json (DESIGN.md); per_defect entries hold all but "per_defect".
 METRIC_KEYS = (
-    "pixel_auroc",
-    "pixel_ap",
-    "aupro",
-    "pixel_f1_max",
-    "dice",
-    "image_auroc",
-    "image_ap",
-    "n_test_images",
-    "seconds_per_image",
-    "per_defect",
+    "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
+    "n_test_images", "seconds_per_image", "per_defect",
 )
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice")
 IMAGE_KEYS = ("image_auroc", "image_ap")
-
-# 8-connectivity inside each image, no connection across images (axis 0 of (N, H, W)).
-_STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)
-_STRUCTURE_8[1] = True
+FPR_LIMIT = 0.3
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- input checks
+def _stack(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) view of an (H, W), (N, H, W) or (N, 1, H, W) array."""
+    x = x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
+    return x[None] if x.ndim == 2 else x
+
+
 def _maps(maps) -> np.ndarray:
-    """Anomaly maps as float64 (N, H, W); accepts (H, W) and (N, 1, H, W)."""
-    a = np.asarray(maps, dtype=np.float64)
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim == 2:
-        a = a[None]
+    """Anomaly maps as float64 (N, H, W)."""
+    a = _stack(np.asarray(maps, dtype=np.float64))
     if a.ndim != 3:
         raise ValueError(f"anomaly maps must have shape (N, H, W), got {a.shape}")
     if not np.all(np.isfinite(a)):
@@ -101,14 +76,15 @@ def _maps(maps) -> np.ndarray:
 
 def _masks(masks, shape) -> np.ndarray:
     """Ground-truth masks as bool (N, H, W); a pixel is a defect where mask > 0.5."""
-    m = np.asarray(masks)
-    if m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]
-    if m.ndim == 2:
-        m = m[None]
+    m = _stack(np.asarray(masks))
     if m.shape != tuple(shape):
         raise ValueError(f"masks shape {m.shape} does not match maps shape {tuple(shape)}")
     return m > 0.5
+
+
+def _pixels(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    a = _maps(maps)
+    return a, _masks(masks, a.shape)
 
 
 def _labels(labels) -> np.ndarray:
@@ -135,10 +111,6 @@ def _scores(scores, n=None) -> np.ndarray:
     return a
 
 
-def _both_classes(y: np.ndarray) -> bool:
-    return y.size > 0 and bool(y.any()) and not bool(y.all())
-
-
 def _clean(x):
     """Python float rounded to 6 decimals, or None for missing / non-finite values."""
     if x is None:
@@ -147,35 +119,33 @@ def _clean(x):
     return round(x, 6) if math.isfinite(x) else None
 
 
-def _above(x: float) -> float:
-    """Smallest float above x: the threshold at which nothing is predicted positive."""
-    return float(np.nextafter(x, np.inf))
-
-
 # ----------------------------------------------------------------------------- pixel level
+def _dice(s: np.ndarray, y: np.ndarray, threshold) -> float | None:
+    if threshold is None:
+        return None
+    pred = s >= float(threshold)
+    tp = int(np.count_nonzero(pred & y))
+    denom = int(np.count_nonzero(pred)) + int(np.count_nonzero(y))  # 2TP + FP + FN
+    return None if denom == 0 else 2 * tp / denom
+
+
 def pixel_auroc(maps, masks) -> float | None:
     """ROC AUC pooled over all pixels of all images; None if masks are all 0 or all 1."""
-    a = _maps(maps)
-    m = _masks(masks, a.shape).ravel()
-    if not _both_classes(m):
-        return None
-    return float(roc_auc_score(m, a.ravel()))
+    a, m = _pixels(maps, masks)
+    return curves.auroc(curves.curve(a.ravel(), m.ravel()))
 
 
 def pixel_ap(maps, masks) -> float | None:
     """Average precision pooled over all pixels; None if masks are all 0 or all 1."""
-    a = _maps(maps)
-    m = _masks(masks, a.shape).ravel()
-    if not _both_classes(m):
-        return None
-    return float(average_precision_score(m, a.ravel()))
+    a, m = _pixels(maps, masks)
+    return curves.average_precision(curves.curve(a.ravel(), m.ravel()))
 
 
 def f1_max(scores, labels) -> tuple[float | None, float | None]:
     """(best F1, its threshold) over all distinct thresholds (prediction: score >= threshold).
 
     Works on any shape (pixels or images; inputs are flattened). Ties in F1 keep the lowest
-    threshold (first argmax of scikit-learn's ascending thresholds, as anomalib does).
+    threshold (first argmax over ascending thresholds, as anomalib does).
     Returns (None, None) when there is no positive (F1 undefined for every threshold).
     """
     s = _scores(scores)
@@ -183,15 +153,7 @@ def f1_max(scores, labels) -> tuple[float | None, float | None]:
     y = (y > 0.5) if y.dtype.kind not in "OUS" else _labels(y).astype(bool)
     if s.size != y.size:
         raise ValueError(f"{s.size} scores but {y.size} labels")
-    if not y.any():
-        return None, None
-    precision, recall, thresholds = precision_recall_curve(y, s)
-    # The last (precision=1, recall=0) point has no threshold: drop it.
-    p, r = precision[:-1], recall[:-1]
-    denom = p + r
-    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
-    i = int(np.argmax(f1))
-    return float(f1[i]), float(thresholds[i])
+    return curves.best_f1(curves.curve(s, y))
 
 
 def dice(maps, masks, threshold) -> float | None:
@@ -201,33 +163,17 @@ def dice(maps, masks, threshold) -> float | None:
     """
     if threshold is None:
         return None
-    a = _maps(maps)
-    m = _masks(masks, a.shape)
-    pred = a >= float(threshold)
-    tp = int(np.count_nonzero(pred & m))
-    fp = int(np.count_nonzero(pred & ~m))
-    fn = int(np.count_nonzero(~pred & m))
-    denom = 2 * tp + fp + fn
-    return None if denom == 0 else 2 * tp / denom
+    a, m = _pixels(maps, masks)
+    return _dice(a.ravel(), m.ravel(), threshold)
 
 
-# ----------------------------------------------------------------------------- PRO / AUPRO
-def _region_weights(m: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per-pixel weight 1 / (n_regions * region_size) for defect pixels, 0 elsewhere.
-
-    One ``ndimage.label`` call over the (N, H, W) stack: the structure connects the 8
-    in-plane neighbours only, so regions never span two images and labels are unique
-    across the stack. Summing these weights over the pixels above a threshold gives the
-    mean over regions of each region's overlap, i.e. PRO at that threshold.
-    """
-    regions, n_regions = ndimage.label(m, structure=_STRUCTURE_8)
-    if n_regions == 0:
-        return np.zeros(m.size), 0
-    flat = regions.ravel()
-    sizes = np.bincount(flat, minlength=n_regions + 1).astype(np.float64)
-    inv = np.zeros(n_regions + 1)
-    inv[1:] = 1.0 / (sizes[1:] * n_regions)
-    return inv[flat], n_regions
+def _pro(maps, masks, num_thresholds) -> curves.Curve:
+    a, m = _pixels(maps, masks)
+    if num_thresholds is None:
+        return curves.pixel_curve(curves.rank_pixels(a, m))[0]
+    if int(num_thresholds) < 2:
+        raise ValueError("num_thresholds must be at least 2 (or None for exact)")
+    return curves.binned_curve(a.ravel(), m.ravel(), curves.region_labels(m), int(num_thresholds))
 
 
 def pro_curve(maps, masks, num_thresholds: int | None = None):
@@ -240,69 +186,12 @@ def pro_curve(maps, masks, num_thresholds: int | None = None):
 
     num_thresholds=None: exact, one point per distinct score (one sort, O(P log P)).
     An int: that many thresholds evenly spaced between the lowest and highest score
-    (one searchsorted, no full sort), for very large test sets.
+    (one searchsorted, no sort), for very large test sets.
     """
-    a = _maps(maps)
-    return _pro_points(a, _masks(masks, a.shape), num_thresholds, None)
+    return curves.pro_points(_pro(maps, masks, num_thresholds))
 
 
-def _pro_points(a, m, num_thresholds, fpr_limit):
-    """pro_curve on checked arrays; with fpr_limit, only the points needed up to it.
-
-    scikit-learn's curves count pixels of one binary label; PRO weighs each defect pixel
-    by 1 / (n_regions * its region's size), which none of its curve functions accept
-    for this purpose (sample_weight would also reweigh the normal side), so the
-    cumulative sums are done here with numpy.
-    """
-    weights, n_regions = _region_weights(m)
-    normal = ~m.ravel()
-    n_normal = int(np.count_nonzero(normal))
-    if n_regions == 0 or n_normal == 0:
-        return None
-    s = a.ravel()
-    top = _above(s.max())
-    if num_thresholds is None:
-        if fpr_limit is not None:
-            # Points beyond the first one with FPR > fpr_limit do not matter. Its threshold
-            # is at or above the k-th highest normal score (k normal pixels flagged means
-            # FPR > limit; +2 leaves a margin for rounding in limit * n): sort only the
-            # pixels at or above it (found in O(P) with a partition), not all of them.
-            k = int(math.floor(fpr_limit * n_normal)) + 2
-            if k < n_normal:
-                normal_scores = s[normal]
-                t_k = np.partition(normal_scores, n_normal - k)[n_normal - k]
-                keep = s >= t_k
-                s, normal, weights = s[keep], normal[keep], weights[keep]
-        order = np.argsort(s, kind="stable")[::-1]  # descending scores
-        s_sorted = s[order]
-        fp = np.cumsum(normal[order], dtype=np.int64)  # integer counts: exact
-        pro = np.cumsum(weights[order])
-        # a threshold takes in every pixel of its score: keep the last of each tie run
-        last = np.empty(s_sorted.size, dtype=bool)
-        last[:-1] = s_sorted[1:] != s_sorted[:-1]
-        last[-1] = True
-        fp, pro, thr = fp[last], pro[last], s_sorted[last]
-    else:
-        k = int(num_thresholds)
-        if k < 2:
-            raise ValueError("num_thresholds must be at least 2 (or None for exact)")
-        grid = np.linspace(s.min(), s.max(), k)  # ascending
-        grid[-1] = s.max()  # guard against rounding in linspace
-        # idx = number of grid thresholds <= score: flagged at grid[j] <=> idx > j
-        idx = np.searchsorted(grid, s, side="right")
-        fp_counts = np.bincount(idx, weights=normal.astype(np.float64), minlength=k + 1)
-        pro_w = np.bincount(idx, weights=weights, minlength=k + 1)
-        # reverse cumulative sums give j = k-1 .. 0, i.e. descending thresholds
-        fp = np.cumsum(fp_counts[::-1])[:-1].round().astype(np.int64)
-        pro = np.cumsum(pro_w[::-1])[:-1]
-        thr = grid[::-1]
-    fpr = np.concatenate([[0.0], fp / n_normal])
-    pro = np.concatenate([[0.0], np.minimum(pro, 1.0)])
-    thr = np.concatenate([[top], thr])
-    return fpr, pro, thr
-
-
-def aupro(maps, masks, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float | None:
+def aupro(maps, masks, fpr_limit: float = FPR_LIMIT, num_thresholds: int | None = None) -> float | None:
     """Area under the PRO curve up to FPR ``fpr_limit``, divided by ``fpr_limit`` (in [0, 1]).
 
     The curve is interpolated linearly at exactly ``fpr_limit`` and integrated with the
@@ -311,23 +200,32 @@ def aupro(maps, masks, fpr_limit: float = 0.3, num_thresholds: int | None = None
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    a = _maps(maps)
-    curve = _pro_points(a, _masks(masks, a.shape), num_thresholds, fpr_limit)
-    if curve is None:
-        return None
-    fpr, pro, _ = curve
-    n = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
-    x, y = fpr[:n], pro[:n]
-    if n < fpr.size and x[-1] < fpr_limit:
-        # fpr[n-1] < limit < fpr[n]: add the interpolated point at exactly the limit
-        x0, x1, y0, y1 = fpr[n - 1], fpr[n], pro[n - 1], pro[n]
-        x = np.append(x, fpr_limit)
-        y = np.append(y, y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0))
-    return float(min(max(auc(x, y) / fpr_limit, 0.0), 1.0))
+    return curves.pro_area(_pro(maps, masks, num_thresholds), fpr_limit)
+
+
+# ----------------------------------------------------------------------------- image level
+def image_auroc(scores, labels) -> float | None:
+    """ROC AUC of image scores; None unless both classes are present."""
+    y = _labels(labels)
+    return curves.auroc(curves.curve(_scores(scores, y.size), y == 1))
+
+
+def image_ap(scores, labels) -> float | None:
+    """Average precision of image scores; None unless both classes are present."""
+    y = _labels(labels)
+    return curves.average_precision(curves.curve(_scores(scores, y.size), y == 1))
 
 
 # ----------------------------------------------------------------------------- thresholds
-def choose_threshold(val_maps, val_masks, val_scores=None, val_labels=None, *, return_source=False):
+def _image_threshold(scores, labels) -> float | None:
+    """The threshold maximising image-level F1; None without scores or anomalous image."""
+    if scores is None or labels is None:
+        return None
+    y = _labels(labels)
+    return curves.best_f1(curves.curve(_scores(scores, y.size), y == 1))[1] if y.any() else None
+
+
+def choose_threshold(val_maps, val_masks, val_scores=None, val_labels=None) -> float | None:
     """The pixel threshold that maximises F1 on the validation split (F1-adaptive).
 
     1. If the validation masks hold defect pixels: the threshold maximising pooled pixel F1
@@ -337,23 +235,12 @@ def choose_threshold(val_maps, val_masks, val_scores=None, val_labels=None, *, r
        It is applied to the pixel maps, which is meaningful because image scores are
        statistics of the maps (max or top-k mean) on the same scale.
     3. Otherwise None (Dice is then None).
-
-    Returns the threshold (float or None), or (threshold, source) with source one of
-    "pixel_f1", "image_f1", None when ``return_source`` is true.
     """
-    threshold, source = None, None
     if val_maps is not None and val_masks is not None:
-        a = _maps(val_maps)
-        m = _masks(val_masks, a.shape)
+        a, m = _pixels(val_maps, val_masks)
         if m.any():
-            _, threshold = f1_max(a.ravel(), m.ravel())
-            source = "pixel_f1"
-    if threshold is None and val_scores is not None and val_labels is not None:
-        y = _labels(val_labels)
-        if y.any():
-            _, threshold = f1_max(_scores(val_scores, y.size), y)
-            source = "image_f1"
-    return (threshold, source) if return_source else threshold
+            return curves.best_f1(curves.curve(a.ravel(), m.ravel()))[1]
+    return _image_threshold(val_scores, val_labels)
 
 
 def choose_thresholds(val_maps, val_masks, val_scores=None, val_labels=None):
@@ -364,47 +251,24 @@ def choose_thresholds(val_maps, val_masks, val_scores=None, val_labels=None):
     normal/anomalous), None when validation has no anomalous image or no scores.
     """
     pixel = choose_threshold(val_maps, val_masks, val_scores, val_labels)
-    image = None
-    if val_scores is not None and val_labels is not None:
-        y = _labels(val_labels)
-        if y.any():
-            image = f1_max(_scores(val_scores, y.size), y)[1]
-    return pixel, image
-
-
-# ----------------------------------------------------------------------------- image level
-def image_auroc(scores, labels) -> float | None:
-    """ROC AUC of image scores; None unless both classes are present."""
-    y = _labels(labels)
-    if not _both_classes(y):
-        return None
-    return float(roc_auc_score(y, _scores(scores, y.size)))
-
-
-def image_ap(scores, labels) -> float | None:
-    """Average precision of image scores; None unless both classes are present."""
-    y = _labels(labels)
-    if not _both_classes(y):
-        return None
-    return float(average_precision_score(y, _scores(scores, y.size)))
+    return pixel, _image_threshold(val_scores, val_labels)
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _metrics_block(maps, masks, scores, labels, threshold, seconds_per_image) -> dict:
-    """All keys except per_defect for one set of images (masks may be None)."""
-    out = dict.fromkeys(PIXEL_KEYS)
-    if maps is not None and masks is not None:
-        out["pixel_auroc"] = pixel_auroc(maps, masks)
-        out["pixel_ap"] = pixel_ap(maps, masks)
-        out["aupro"] = aupro(maps, masks)
-        out["pixel_f1_max"] = f1_max(maps.ravel(), masks.ravel())[0] if masks.any() else None
-        out["dice"] = dice(maps, masks, threshold)
-    out["image_auroc"] = image_auroc(scores, labels) if scores is not None else None
-    out["image_ap"] = image_ap(scores, labels) if scores is not None else None
+def _metrics_block(px, scores, labels, threshold, seconds_per_image, images=None) -> dict:
+    """All keys except per_defect for the chosen images (all if None) of checked inputs."""
+    out = dict.fromkeys(PIXEL_KEYS + IMAGE_KEYS)
+    if px is not None:
+        c, pixel_scores, defect = curves.pixel_curve(px, images)
+        out.update(pixel_auroc=curves.auroc(c), pixel_ap=curves.average_precision(c),
+                   aupro=curves.pro_area(c, FPR_LIMIT), pixel_f1_max=curves.best_f1(c)[0],
+                   dice=_dice(pixel_scores, defect, threshold))
+    y = labels if images is None else labels[images]
+    if scores is not None:
+        c = curves.curve(scores if images is None else scores[images], y == 1)
+        out.update(image_auroc=curves.auroc(c), image_ap=curves.average_precision(c))
     out = {k: _clean(v) for k, v in out.items()}
-    out["n_test_images"] = int(labels.size)
-    out["seconds_per_image"] = _clean(seconds_per_image)
-    return out
+    return {**out, "n_test_images": int(y.size), "seconds_per_image": _clean(seconds_per_image)}
 
 
 def evaluate(maps, masks, scores, labels, defects, threshold, seconds_per_image=None) -> dict:
@@ -426,89 +290,37 @@ def evaluate(maps, masks, scores, labels, defects, threshold, seconds_per_image=
     d = np.asarray(defects, dtype=object).ravel().astype(str)
     if d.size != n:
         raise ValueError(f"{n} labels but {d.size} defects")
-    a = m = None
+    px = None
     if maps is not None:
         a = _maps(maps)
         if a.shape[0] != n:
             raise ValueError(f"{n} labels but {a.shape[0]} anomaly maps")
         if masks is not None:
-            m = _masks(masks, a.shape)
+            px = curves.rank_pixels(a, _masks(masks, a.shape))
     s = _scores(scores, n) if scores is not None else None
     thr = None if threshold is None else float(threshold)
 
-    result = _metrics_block(a, m, s, y, thr, seconds_per_image)
-    per_defect = {}
+    result = _metrics_block(px, s, y, thr, seconds_per_image)
     normal = y == 0
-    for defect in sorted({str(x) for x in d[y == 1]}):
-        sel = normal | ((y == 1) & (d == defect))
-        per_defect[defect] = _metrics_block(
-            a[sel] if a is not None else None,
-            m[sel] if m is not None else None,
-            s[sel] if s is not None else None,
-            y[sel],
-            thr,
-            seconds_per_image,
-        )
-    result["per_defect"] = per_defect
+    result["per_defect"] = {
+        defect: _metrics_block(px, s, y, thr, seconds_per_image, normal | ((y == 1) & (d == defect)))
+        for defect in sorted({str(x) for x in d[y == 1]})
+    }
     return {k: result[k] for k in METRIC_KEYS}
 
 
-#: the name used in docs/ARCHITECTURE.md
-evaluate_maps = evaluate
-
-
 # ----------------------------------------------------------------------------- curve tables
-def _subsample(df: pd.DataFrame, max_points: int) -> pd.DataFrame:
-    """At most max_points rows, evenly spaced along the curve, first and last kept."""
-    if max_points < 2:
-        raise ValueError("max_points must be at least 2")
-    if len(df) > max_points:
-        idx = np.unique(np.linspace(0, len(df) - 1, max_points).round().astype(int))
-        df = df.iloc[idx]
-    return df.reset_index(drop=True)
-
-
-def _roc_table(y, s, max_points):
-    if not _both_classes(y):
-        return pd.DataFrame({"fpr": [], "tpr": [], "threshold": []}, dtype=np.float64)
-    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=True)
-    thr = thr.astype(np.float64)
-    thr[~np.isfinite(thr)] = _above(s.max())  # sklearn's first threshold is +inf
-    return _subsample(pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr}), max_points)
-
-
-def _pr_table(y, s, max_points):
-    if not _both_classes(y):
-        return pd.DataFrame({"recall": [], "precision": [], "threshold": []}, dtype=np.float64)
-    precision, recall, thr = precision_recall_curve(y, s)
-    # the final (recall 0, precision 1) point has no threshold: nothing is flagged above max
-    thr = np.append(thr.astype(np.float64), _above(s.max()))
-    df = pd.DataFrame({"recall": recall, "precision": precision, "threshold": thr})
-    return _subsample(df.iloc[::-1], max_points)  # recall increasing
-
-
-def image_roc_curve_table(scores, labels, max_points: int = 500) -> pd.DataFrame:
-    """Image-level ROC: columns fpr, tpr, threshold (empty if one class only)."""
-    y = _labels(labels)
-    return _roc_table(y, _scores(scores, y.size), max_points)
-
-
-def image_pr_curve_table(scores, labels, max_points: int = 500) -> pd.DataFrame:
-    """Image-level PR: columns recall, precision, threshold (empty if one class only)."""
-    y = _labels(labels)
-    return _pr_table(y, _scores(scores, y.size), max_points)
-
-
-def _pixel_or_image(maps, masks, scores, labels):
+def _table(maps, masks, scores, labels) -> curves.Curve | None:
+    """Pixel curve (pooled) when masks with both classes are given, else image curve."""
     if maps is not None and masks is not None:
-        a = _maps(maps)
-        m = _masks(masks, a.shape).ravel()
-        if _both_classes(m):
-            return m.astype(np.int64), a.ravel()
+        a, m = _pixels(maps, masks)
+        if m.any() and not m.all():
+            return curves.curve(a.ravel(), m.ravel())
     if scores is None or labels is None:
         return None
     y = _labels(labels)
-    return y, _scores(scores, y.size)
+    c = curves.curve(_scores(scores, y.size), y == 1)
+    return c if curves.both_classes(c) else None
 
 
 def roc_curve_table(
@@ -519,10 +331,7 @@ def roc_curve_table(
     Pixel-level (pooled) when masks with both classes are given, else image-level from
     scores/labels; an empty table when neither is defined.
     """
-    yl = _pixel_or_image(maps, masks, scores, labels)
-    if yl is None:
-        return pd.DataFrame({"fpr": [], "tpr": [], "threshold": []}, dtype=np.float64)
-    return _roc_table(*yl, max_points)
+    return curves.roc_table(_table(maps, masks, scores, labels), max_points)
 
 
 def pr_curve_table(
@@ -532,7 +341,4 @@ def pr_curve_table(
 
     Pixel-level (pooled) when masks with both classes are given, else image-level.
     """
-    yl = _pixel_or_image(maps, masks, scores, labels)
-    if yl is None:
-        return pd.DataFrame({"recall": [], "precision": [], "threshold": []}, dtype=np.float64)
-    return _pr_table(*yl, max_points)
+    return curves.pr_table(_table(maps, masks, scores, labels), max_points)

@@ -1,4 +1,5 @@
-"""Noise for the forward process: Gaussian, and multi-octave simplex noise (AnoDDPM).
+"""Noise for the forward process: Gaussian, multi-octave simplex (AnoDDPM) or a GAN generator's,
+all made by `for_batch`.
 
 Noise is always drawn on the CPU from the caller's CPU `torch.Generator` and then moved to
 the device, so a seed gives the same noise on CPU and CUDA.
@@ -98,19 +99,32 @@ def simplex(shape, generator: torch.Generator, octaves: int = 6, persistence: fl
     return out.view(B, C, H, W)
 
 
-def make_noise(kind: str, shape, generator: torch.Generator, device=None, **simplex_kw) -> torch.Tensor:
-    """Noise of `kind` ('gaussian' or 'simplex'), drawn on CPU, then moved to `device`."""
-    if kind == "gaussian":
-        noise = gaussian(shape, generator)
-    elif kind == "simplex":
-        noise = simplex(shape, generator, **simplex_kw)
-    else:
+def for_batch(x: torch.Tensor, generator: torch.Generator, kind: str = "gaussian",
+              simplex_kw: dict | None = None, net=None) -> torch.Tensor:
+    """Noise for the batch x (B, C, H, W), on x's device and dtype: the one place noise is made.
+
+    `kind` 'gaussian' or 'simplex' (`simplex_kw` are `simplex`'s keyword arguments), drawn from the
+    CPU `generator`. With `net`, the GAN's NoiseGenerator, it is net's noise for x: a residual net
+    corrects Gaussian noise drawn from `generator` (kind must then be 'gaussian', what it was
+    trained on); the report's net draws nothing. The caller chooses grad mode and net's mode.
+    """
+    if kind not in ("gaussian", "simplex"):
         raise ValueError(f"unknown noise kind {kind!r}; expected 'gaussian' or 'simplex'")
-    return noise if device is None else noise.to(device)
+    if net is not None:
+        if kind != "gaussian":
+            raise ValueError(f"a GAN noise generator corrects Gaussian noise, got kind {kind!r}")
+        if not net.residual:
+            return net(x)
+    if kind == "gaussian":
+        eps = gaussian(x.shape, generator)
+    else:
+        eps = simplex(x.shape, generator, **(simplex_kw or {}))
+    eps = eps.to(device=x.device, dtype=x.dtype)
+    return eps if net is None else net(x, eps)
 
 
 def noise_kwargs(kind: str, ddpm_cfg) -> dict:
-    """The keyword arguments `make_noise(kind, ...)` needs, from the params' ddpm section."""
+    """The `simplex_kw` that `for_batch(kind=kind)` needs, from the params' ddpm section."""
     if kind != "simplex":
         return {}
     return {"octaves": ddpm_cfg.simplex_octaves, "persistence": ddpm_cfg.simplex_persistence,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 _BUFFERS = ("betas", "alphas", "alpha_bar", "alpha_bar_prev", "alpha_bar_ext",
             "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "sqrt_recip_alpha_bar",
@@ -99,14 +100,6 @@ class Schedule:
         return mean, self._at(self.posterior_var, t, x_t)
 
     # ------------------------------------------------------------------ samplers
-    def ancestral_step(self, x_t, eps, t, noise, clip: bool = True):
-        """One DDPM step x_t -> x_{t-1}; `noise` is unused at t=0 (its variance is 0)."""
-        x0 = self.predict_x0(x_t, eps, t)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-        mean, var = self.posterior(x0, x_t, t)
-        return mean + var.sqrt() * noise
-
     def ddim_step(self, x_t, eps, t, t_prev, clip: bool = True):
         """Deterministic DDIM step (eta=0) from t to t_prev < t; t_prev = -1 returns the x0 estimate."""
         x0 = self.predict_x0(x_t, eps, t)
@@ -132,7 +125,7 @@ class Schedule:
         return [-(-n * k // steps) - 1 for k in range(steps, 0, -1)]
 
     def denoise(self, model, x_t, t_start: int, steps: int, clip: bool = True,
-                guide: torch.Tensor | None = None, guidance: float = 0.0):
+                guide: torch.Tensor | None = None, guidance: float = 0.0, recompute: bool = False):
         """Strided DDIM from x_t at t_start back to a clean image with `steps` model calls.
 
         With `guide` (the input image) and `guidance` w > 0, each step is conditioned on the
@@ -141,13 +134,15 @@ class Schedule:
         even from a high noise level, which alone would re-draw it, while a defect, far from
         anything the model knows, is still healed.
         Differentiable: the caller decides on torch.no_grad (the GAN backpropagates through it).
+        recompute=True recomputes each model call's activations in the backward pass instead of
+        storing them (large images on a GPU); the result is the same.
         """
         ts = self.respace(t_start, steps)
         x = x_t
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            eps = model(x, t_batch)
+            eps = checkpoint(model, x, t_batch, use_reentrant=False) if recompute else model(x, t_batch)
             if guide is not None and guidance > 0:
                 y_t = self.add_noise(guide, eps, t)
                 eps = eps - guidance * self._at(self.sqrt_one_minus_alpha_bar, t, x) * (y_t - x)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _groups(ch: int) -> int:
-    return math.gcd(8, ch)  # at most 8 groups, and always a divisor of ch
+def group_norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, ch), ch)  # at most 8 groups, and always a divisor of ch
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -30,23 +30,39 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, dim % 2))
 
 
+_ACTS = {"silu": F.silu, "leaky": lambda x: F.leaky_relu(x, 0.2)}
+
+
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int):
+    """skip(x) + conv2(act(norm2(conv1(act(norm1(x))) [+ time(temb)]))): both convs reach the output.
+
+    The UNet's blocks take a time embedding (time_dim > 0), use SiLU and start as the identity
+    (conv2 zero-initialised), which makes early training stable; the GAN generator's take no
+    time, use LeakyReLU(0.2), may dilate conv1, and keep conv2's random initialisation.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int = 0, dilation: int = 1, act: str = "silu",
+                 zero_init: bool = True):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time = nn.Linear(time_dim, out_ch)
-        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        if act not in _ACTS:
+            raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
+        self.act = act
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation)
+        self.time = nn.Linear(time_dim, out_ch) if time_dim else None
+        self.norm2 = group_norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # zero init: each block starts as the identity, which makes early training stable
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        if zero_init:
+            nn.init.zeros_(self.conv2.weight)
+            nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(temb)[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over pixels
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x, temb=None):
+        act = _ACTS[self.act]
+        h = self.conv1(act(self.norm1(x)))
+        if self.time is not None:
+            h = h + self.time(temb)[:, :, None, None]  # (B, out_ch, 1, 1) broadcast over pixels
+        h = self.conv2(act(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -55,7 +71,7 @@ class Attention(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -82,6 +98,8 @@ class Stage(nn.Module):
 
 
 class UNet(nn.Module):
+    checkpoint_kind = "ddpm"  # see checkpoint.py
+
     def __init__(self, in_channels: int, base_channels: int = 32, channel_mults=(1, 2, 2),
                  num_res_blocks: int = 1, attention_resolutions=(16,), image_size: int = 64):
         super().__init__()
@@ -131,7 +149,7 @@ class UNet(nn.Module):
                 self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
     @classmethod
