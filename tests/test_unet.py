@@ -22,13 +22,6 @@ def test_output_shape_and_int_or_tensor_t():
     assert torch.equal(m(x, 7), m(x, torch.tensor([7, 7])))
 
 
-def test_return_features_lists_one_encoder_map_per_level():
-    m = _tiny(channel_mults=(1, 2, 2), attention_resolutions=(4,))
-    eps, feats = m(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), return_features=True)
-    assert eps.shape == (2, 3, 16, 16)
-    assert [tuple(f.shape) for f in feats] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4)]
-
-
 def test_time_conditioning_changes_output():
     m = _tiny()
     for p in m.parameters():  # zero-initialised layers would hide the time path at init

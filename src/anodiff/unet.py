@@ -165,22 +165,17 @@ class UNet(nn.Module):
         """Plain dict of the constructor arguments (ints and lists), stored in checkpoints."""
         return {k: list(v) if isinstance(v, list) else v for k, v in self._arch.items()}
 
-    def forward(self, x, t, return_features: bool = False):
-        """eps prediction (B, C, H, W) for x_t (B, C, H, W) and t (B,) or int.
-
-        With return_features=True also returns the encoder's feature map at the end of each
-        level, before its downsample: one per resolution, finest first, (B, ch_l, H/2^l, W/2^l).
-        """
+    def forward(self, x, t):
+        """eps prediction (B, C, H, W) for x_t (B, C, H, W) and t (B,) or int."""
         if not torch.is_tensor(t) or t.dim() == 0:
             t = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
         temb = self.time_mlp(timestep_embedding(t, self.base_channels))
         h = self.conv_in(x)
-        skips, feats = [h], []
+        skips = [h]
         for level, stages in enumerate(self.down_stages):
             for stage in stages:
                 h = stage(h, temb)
                 skips.append(h)
-            feats.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
                 skips.append(h)
@@ -192,4 +187,4 @@ class UNet(nn.Module):
             if level < len(self.upsample):
                 h = self.upsample[level](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         eps = self.conv_out(F.silu(self.norm_out(h)))
-        return (eps, feats) if return_features else eps
+        return eps
