@@ -1,6 +1,7 @@
 """Shared test set-up."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def repo_params(**sections):
