@@ -1,16 +1,20 @@
 """train_gan_noise: learn the noise that lets the frozen pretrained DDPM heal anomalous images.
 
 Reads the labelled training images (split=train: label=anomalous, and label=normal with its
-augmented copies) and data/models/ddpm.pt; writes data/models/gan_generator.pt, the loss and
-critic curves and a metrics JSON. The diffusion schedule comes from the DDPM checkpoint (it was
-trained with it), so only `seed`, `data.channels` and `gan.*` are read from params.
+augmented copies), the val images and data/models/ddpm.pt; writes data/models/gan_generator.pt,
+the loss and critic curves, the model-selection table and a metrics JSON. The diffusion schedule
+comes from the DDPM checkpoint (it was trained with it). Params read: `seed`, `data.channels`,
+`gan.*`, and `infer.*`, because G is selected on val with the very maps `infer@gan` will draw
+(the `ddpm` method's map with G's noise at its level, `Detector.plan`).
 """
 
+import pandas as pd
 import torch
 
 from _common import ROOT, run_stage, torch_generator
-from anodiff import checkpoint, data, gan, io
+from anodiff import anomaly, checkpoint, data, gan, io, select
 from anodiff.config import to_dict
+from anodiff.detector import Detector
 from anodiff.errors import CheckpointError, DataError
 from anodiff.schedule import Schedule
 from anodiff.noisegen import Critic, NoiseGenerator
@@ -52,12 +56,14 @@ def main(params):
 
     torch.manual_seed(params.seed)  # initial weights
     net = NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
-    critic = Critic(channels, cfg.base_channels)
+    critic = Critic(channels, cfg.base_channels, spectral_norm=cfg.spectral_norm)
+    evaluate = val_evaluator(params, ddpm, ckpt, net) if cfg.eval_every else None
     history, summary = gan.train_gan(
         net, critic, ddpm, schedule, anomalous, normal, generator=torch_generator(params.seed, offset=2),
         device=device, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, n_critic=cfg.n_critic,
         gp_weight=cfg.gp_weight, mse_weight=cfg.mse_weight, t=cfg.t, denoise_steps=cfg.denoise_steps,
-        grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE,
+        grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE, lr_critic=cfg.lr_critic,
+        ema_decay=cfg.ema_decay, evaluate=evaluate, eval_every=cfg.eval_every,
         recompute=side >= 256)  # paper scale: recompute, not store, activations
 
     checkpoint.save_generator(OUT, net, {
@@ -68,10 +74,50 @@ def main(params):
     })
     io.write_csv(ROOT / f"plots/{STAGE}/loss.csv",
                  history[["step", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]])
+    candidates = summary.pop("selection")
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items() if k != "ddpm_checksum"}
+    if candidates:
+        table = pd.DataFrame(candidates)
+        io.write_csv(ROOT / f"plots/{STAGE}/selection.csv", table)
+        chosen = table[table.step == summary["selected_step"]].iloc[0]
+        for prefix, row in (("val", chosen), ("start_val", table.iloc[0])):
+            for key in ("map_criterion", "image_auroc", "pixel_auroc", "aupro"):
+                out[f"{prefix}_{key}"] = None if pd.isna(row[key]) else round(float(row[key]), 6)
+        out["candidates"] = len(table)
     io.write_json(ROOT / f"metrics/{STAGE}.json", {**out, "n_anomalous": len(anomalous), "n_normal": len(normal)})
     print(f"{STAGE}: wasserstein {summary['wasserstein']:.4f}, gen_loss {summary['gen_loss']:.4f}, "
-          f"mse {summary['mse']:.5f}, {summary['images_per_s']:.2f} images/s")
+          f"mse {summary['mse']:.5f}, {summary['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"
+          + (f" (val map {out['val_map_criterion']}, image AUROC {out['val_image_auroc']}; start "
+             f"{out['start_val_map_criterion']}, {out['start_val_image_auroc']})" if candidates else ""))
+
+
+def val_evaluator(params, ddpm, ckpt, net):
+    """A function G -> val figures (select.val_figures) of the maps infer@gan would draw with G.
+
+    The levels that do not use G's noise are reconstructed once; each call redraws G's own level
+    with the same noise (common random numbers: candidates differ by G alone)."""
+    rows = data.load_rows(PREPARED, split="val", augmented=0)
+    images = data.load_images(PREPARED, rows, params.data.channels)
+    masks = data.load_masks(PREPARED, rows)
+    anomalous = (rows["label"] == "anomalous").to_numpy()
+    cfg, settings = params.gan, params.infer
+    candidates = anomaly.CALIBRATIONS if settings.normalize == "auto" else (settings.normalize,)
+    select.check_normal_count(int((~anomalous).sum()), candidates)
+    det = Detector.from_models(ddpm, ckpt, settings, (net, cfg.t, cfg.denoise_steps), where=DDPM)
+    levels = det.levels()
+    others = [t for t in levels if t != cfg.t]
+    base = det.raw_maps(images, torch_generator(params.seed, offset=103), progress=False, only=others)[0] \
+        if others else None
+    print(f"{STAGE}: model selection on {len(rows)} val images ({int(anomalous.sum())} anomalous), "
+          f"levels {levels}, G's level t={cfg.t}")
+
+    def evaluate(g):
+        det.generator_net = g
+        own = det.raw_maps(images, torch_generator(params.seed, offset=104), progress=False, only=[cfg.t])[0]
+        parts = [own if t == cfg.t else base[:, [others.index(t)]] for t in levels]
+        return select.val_figures(torch.cat(parts, dim=1), ~anomalous, anomalous.astype(int), masks, candidates)
+
+    return evaluate
 
 
 if __name__ == "__main__":

@@ -231,12 +231,43 @@ def test_detector_plan():
     assert _detector(settings=multi).plan() == [(3, 2, 0.0), (3, 2, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
     per_level = infer_settings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
     assert _detector(settings=per_level).plan() == [(3, 1, 0.0), (6, 3, 4.0)]
-    det = _detector(settings=per_level)
-    det.generator_net, det.fixed_t = nn.Identity(), (4, 2)
-    det.generator_net.residual = False
-    assert det.plan() == [(4, 2, 0.0)]  # learned noise alone is a function of the image: one pass; unguided
-    det.generator_net.residual = True
-    assert det.plan() == [(4, 2, 0.0)]  # eps + learned correction: one pass per noise draw
+    # a GAN generator: the ddpm plan, with G's own level (its steps, unguided) in place of the
+    # level at its t, or added first when the plan has none at that t
+    two_draws = per_level.model_copy(update=dict(n_seeds=2))
+    det = _detector(settings=two_draws)
+    det.generator_net, det.fixed_t = nn.Identity(), (6, 2)
+    det.generator_net.residual = True  # eps + learned correction: one pass per noise draw
+    assert det.plan() == [(3, 1, 0.0), (3, 1, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
+    assert det.levels() == [3, 6]
+    det.generator_net.residual = False  # learned noise alone is a function of the image: one pass
+    assert det.plan() == [(3, 1, 0.0), (3, 1, 0.0), (6, 2, 0.0)]
+    det.fixed_t = (4, 2)
+    assert det.plan() == [(4, 2, 0.0), (3, 1, 0.0), (3, 1, 0.0), (6, 3, 4.0), (6, 3, 4.0)]
+    assert det.levels() == [4, 3, 6]
+
+
+def test_gan_without_correction_gives_the_ddpm_maps_bit_for_bit():
+    """A residual generator that adds nothing (its start) draws the same noise as the ddpm method,
+    so its maps are the same bytes: model selection can always fall back on ddpm."""
+    from anodiff.noisegen import NoiseGenerator
+
+    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=2)
+    x = _images(n=3)
+    plain = _detector(settings=settings)
+    a, ra = plain.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
+    gan = _detector(settings=settings)
+    gan.model = plain.model
+    torch.manual_seed(0)
+    gan.generator_net, gan.fixed_t = NoiseGenerator(x.shape[1], 4, 1, residual=True), (3, 1)
+    b, rb = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
+    assert torch.equal(a, b) and torch.equal(ra, rb)
+    with torch.no_grad():  # a generator that corrects changes G's level only
+        gan.generator_net.conv_out.bias.fill_(0.5)
+    c, _ = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
+    assert not torch.equal(a[:, 0], c[:, 0])
+    assert torch.equal(a[:, 1], c[:, 1])
+    only, _ = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False, only=[6])
+    assert only.shape[1] == 1
 
 
 def test_detector_maps_average_the_plan():

@@ -188,3 +188,86 @@ def test_training_keywords_have_no_hidden_defaults():
         kw = {k: v for k, v in _cfg().items() if k != key}
         with pytest.raises(TypeError, match=key):
             _train(kw, _images(4, 0), _images(4, 1))
+
+
+# ---------------------------------------------------------------------- stabilisers
+def test_ema_returns_the_moving_average_of_the_generator_weights():
+    """decay -> 1 keeps the first average: the weights after step one, which is what one step of
+    plain training gives (the EMA draws no random numbers)."""
+    one = _train(_cfg(epochs=1), _images(4, 0), _images(4, 1), residual=True)[0]
+    two = _train(_cfg(epochs=2), _images(4, 0), _images(4, 1), residual=True)[0]
+    held = _train(_cfg(epochs=2), _images(4, 0), _images(4, 1), residual=True, ema_decay=1 - 1e-9)[0]
+    half = _train(_cfg(epochs=2), _images(4, 0), _images(4, 1), residual=True, ema_decay=0.5)[0]
+    for name, p in held.state_dict().items():
+        torch.testing.assert_close(p, one.state_dict()[name], rtol=0, atol=1e-6)
+        # decay 0.5: the mean of the two iterates
+        torch.testing.assert_close(half.state_dict()[name], (one.state_dict()[name] + two.state_dict()[name]) / 2)
+    assert any(not torch.equal(p, one.state_dict()[k]) for k, p in two.state_dict().items())
+
+
+def test_the_critic_has_its_own_learning_rate():
+    def critic_after(lr_critic):
+        ddpm = _ddpm()
+        net, critic = _nets()
+        start = {k: v.clone() for k, v in critic.state_dict().items()}
+        G.train_gan(net, critic, ddpm, SCHEDULE, _images(4, 0), _images(4, 1), generator=torch.Generator().manual_seed(0),
+                    device="cpu", progress=False, **_cfg(lr=1e-3), lr_critic=lr_critic)
+        return max((critic.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+
+    # Adam's first steps move each weight by about lr, whatever the gradient's scale
+    assert critic_after(1e-3) == pytest.approx(2e-3, rel=0.05)  # n_critic=2 steps
+    assert critic_after(1e-5) == pytest.approx(2e-5, rel=0.05)
+
+
+# ---------------------------------------------------------------------- model selection on val
+def test_the_kept_generator_is_the_best_on_val_of_the_candidates_evaluated():
+    """Scripted val figures: the start, a candidate better on maps but worse on image AUROC (not
+    kept), one better on both (kept), one better on both but less so."""
+    script = iter([(0.80, 0.80), (0.95, 0.70), (0.85, 0.85), (0.81, 0.82)])
+    seen = []
+
+    def evaluate(g):
+        seen.append({k: v.clone() for k, v in g.state_dict().items()})
+        m, i = next(script)
+        return {"map_criterion": m, "image_auroc": i}
+
+    net, _, history, summary = _train(_cfg(epochs=3, batch_size=4), _images(4, 0), _images(4, 1), residual=True,
+                                      evaluate=evaluate, eval_every=1)
+    assert [c["step"] for c in summary["selection"]] == [0, 1, 2, 3]
+    assert summary["selected_step"] == 2
+    assert all(torch.equal(v, seen[2][k]) for k, v in net.state_dict().items())
+    # the start of a residual generator adds no correction: it is the plain ddpm method
+    assert not seen[0]["conv_out.weight"].any() and not seen[0]["conv_out.bias"].any()
+
+
+def test_selection_keeps_the_start_when_nothing_beats_it_and_evaluates_the_last_step():
+    calls = []
+
+    def evaluate(g):
+        calls.append({k: v.clone() for k, v in g.state_dict().items()})
+        return {"map_criterion": 0.9 if len(calls) == 1 else 0.5, "image_auroc": 0.9}
+
+    net, _, history, summary = _train(_cfg(epochs=3), _images(4, 0), _images(4, 1), residual=True,
+                                      evaluate=evaluate, eval_every=2)
+    assert [c["step"] for c in summary["selection"]] == [0, 2, 3]  # start, every 2 steps, the last
+    assert summary["selected_step"] == 0
+    assert all(torch.equal(v, calls[0][k]) for k, v in net.state_dict().items())
+    assert not net.conv_out.weight.any()
+
+
+def test_pick_candidate_rules():
+    from anodiff.select import pick_candidate
+
+    row = lambda m, i: {"map_criterion": m, "image_auroc": i}  # noqa: E731
+    assert pick_candidate([row(0.5, 0.5)]) == 0
+    assert pick_candidate([row(0.5, 0.5), row(0.6, 0.5), row(0.6, 0.5)]) == 1  # first of equals
+    assert pick_candidate([row(0.5, 0.5), row(0.9, 0.49)]) == 0  # worse image AUROC: never
+    assert pick_candidate([row(0.5, 0.5), row(0.5, 0.5)]) == 0  # no gain: the start
+    assert pick_candidate([row(0.5, None), row(0.7, None)]) == 1  # no image figure: maps decide
+    # a gain val cannot resolve does not replace the start: the mean must beat it by more than
+    # half the start's image-AUROC standard error
+    noisy = {"map_criterion": 0.5, "image_auroc": 0.5, "image_auroc_se": 0.1}
+    assert pick_candidate([noisy, row(0.52, 0.56)]) == 0  # mean gain 0.04 <= 0.05
+    assert pick_candidate([noisy, row(0.52, 0.56), row(0.52, 0.60)]) == 2  # 0.06 > 0.05
+    with pytest.raises(ValueError):
+        pick_candidate([])

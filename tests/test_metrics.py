@@ -397,3 +397,13 @@ def test_evaluate_per_defect_equals_metrics_on_the_subset():
                     "dice": M.dice(a, m, 0.4), "image_auroc": M.image_auroc(s, y),
                     "image_ap": M.image_ap(s, y)}
         assert {k: out["per_defect"][d][k] for k in expected} == {k: round(v, 6) for k, v in expected.items()}
+
+
+def test_auroc_standard_error_hanley_mcneil():
+    # AUROC 0.5 on n positives and n negatives: q1 = q2 = 1/3, so var = (1/4 + (n - 1)/6) / n^2
+    n = 10
+    assert M.auroc_standard_error(0.5, n, n) == pytest.approx(((0.25 + (n - 1) / 6) / n**2) ** 0.5)
+    assert M.auroc_standard_error(1.0, 5, 5) == 0.0
+    assert M.auroc_standard_error(0.8, 50, 50) < M.auroc_standard_error(0.8, 12, 24)
+    with pytest.raises(ValueError, match="both classes"):
+        M.auroc_standard_error(0.7, 0, 5)

@@ -37,18 +37,27 @@ class Detector:
     @classmethod
     def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu") -> "Detector":
         model, ckpt = checkpoint.load(ddpm_path, UNet, device=device)
+        generator = None
+        if generator_path is not None:
+            net, gckpt = checkpoint.load(generator_path, NoiseGenerator, device=device)
+            generator = (net, int(gckpt["meta"]["t"]), int(gckpt["meta"]["denoise_steps"]))
+        return cls.from_models(model, ckpt, settings, generator, where=ddpm_path)
+
+    @classmethod
+    def from_models(cls, model, ckpt: dict, settings: Infer, generator=None, where="the DDPM") -> "Detector":
+        """From a loaded DDPM (`ckpt` its checkpoint dict) and optionally (G, t, steps), a GAN
+        noise generator and the level it was trained for; train_gan_noise evaluates G this way."""
         meta = ckpt.get("meta", {})
         if "schedule" not in meta:
-            raise CheckpointError(f"{ddpm_path}: checkpoint has no schedule metadata; rerun its training stage")
+            raise CheckpointError(f"{where}: checkpoint has no schedule metadata; rerun its training stage")
         arch = ckpt["arch"]
+        device = next(model.parameters()).device
         det = cls(model=model, schedule=Schedule(**meta["schedule"]).to(device), settings=settings,
                   image_size=int(arch["image_size"]), channels=int(arch["in_channels"]),
                   noise_kind=meta.get("noise", "gaussian"), noise_kw=dict(meta.get("noise_kw", {})))
-        if generator_path is not None:
-            net, gckpt = checkpoint.load(generator_path, NoiseGenerator, device=device)
-            gmeta = gckpt["meta"]
-            det.generator_net = net
-            det.fixed_t = (int(gmeta["t"]), int(gmeta["denoise_steps"]))
+        if generator is not None:
+            det.generator_net, t, steps = generator
+            det.fixed_t = (t, steps)
         return det
 
     @property
@@ -56,16 +65,32 @@ class Detector:
         return next(self.model.parameters()).device
 
     def plan(self) -> list[tuple[int, int, float]]:
-        """(t_start, steps, guidance) of every reconstruction averaged into one map.
+        """(t_start, steps, guidance) of every reconstruction averaged into one map: each level of
+        `settings.plan()`, `settings.n_seeds` times.
 
-        A GAN's noise was learned for the unconditioned denoising at its own t, so its plan is
-        that, unguided."""
+        With a GAN generator the map is the `ddpm` method's map with the generator's noise at its
+        own level: the level at the generator's t takes its steps, unguided (its noise was learned
+        for that denoising), or is added first when the plan has no level at that t. A report's
+        generator (not residual) draws no noise, so its level is reconstructed once."""
+        levels = list(self.settings.plan())
         if self.generator_net is not None:
-            return [(*self.fixed_t, 0.0)] * (self.settings.n_seeds if self.generator_net.residual else 1)
-        return [level for level in self.settings.plan() for _ in range(self.settings.n_seeds)]
+            own = (*self.fixed_t, 0.0)
+            if any(t == own[0] for t, _, _ in levels):
+                levels = [own if level[0] == own[0] else level for level in levels]
+            else:
+                levels = [own] + levels
+        out = []
+        for level in levels:
+            once = self.generator_net is not None and level[0] == self.fixed_t[0] and not self.generator_net.residual
+            out += [level] * (1 if once else self.settings.n_seeds)
+        return out
 
-    def make_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.generator_net is not None:  # it corrects Gaussian noise, whatever the DDPM was trained on
+    def make_noise(self, x: torch.Tensor, generator: torch.Generator, t: int | None = None) -> torch.Tensor:
+        """The noise x is noised with at level t: the generator's at its own level, whatever the
+        DDPM was trained on (it corrects Gaussian noise); the DDPM's training noise elsewhere. A
+        residual generator draws its Gaussian noise exactly as the DDPM's noise is drawn, so a
+        generator that adds no correction gives the `ddpm` method's maps bit for bit."""
+        if self.generator_net is not None and (t is None or t == self.fixed_t[0]):
             return noise.for_batch(x, generator, net=self.generator_net)
         return noise.for_batch(x, generator, kind=self.noise_kind, simplex_kw=self.noise_kw)
 
@@ -75,20 +100,24 @@ class Detector:
 
     @torch.no_grad()
     def raw_maps(self, images: torch.Tensor, generator: torch.Generator, progress: bool = True,
-                 desc: str = "infer") -> tuple[torch.Tensor, torch.Tensor]:
+                 desc: str = "infer", only: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Smoothed, uncalibrated maps (N, T, H, W), one per noise level (each the mean over its
-        noise draws), and the first reconstruction (N, C, H, W)."""
+        noise draws), and the first reconstruction (N, C, H, W). `only`: just these levels (T of
+        them, in plan order), as GAN model selection recomputes the generator's level alone."""
         self.model.eval()
         maps, recons = [], []
         bs = self.settings.batch_size
         plan, levels = self.plan(), self.levels()
+        if only is not None:
+            plan = [p for p in plan if p[0] in only]
+            levels = [t for t in levels if t in only]
         for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress):
             x = images[start:start + bs].to(self.device)
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
             count = [0] * len(levels)
             first = None
             for t, steps, guidance in plan:
-                x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator), t, steps,
+                x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator, t), t, steps,
                                             guidance=guidance)
                 i = levels.index(t)
                 acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error)

@@ -11,6 +11,7 @@ generator: L_G = -mean D(fake) + mse_weight * MSE(denoise(fake), denoise(add_noi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -19,9 +20,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from anodiff import noise
+from anodiff import noise, select
 from anodiff.errors import TrainingDiverged
 from anodiff.train import random_crop
 
@@ -122,8 +124,19 @@ def _step(optimizer, net, loss, clip: float, check) -> None:
 def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torch.Generator, device, lr: float,
               batch_size: int, epochs: int, n_critic: int, gp_weight: float, mse_weight: float, t: int,
               denoise_steps: int, grad_clip: float, crop: int, recompute: bool = False,
+              lr_critic: float | None = None, ema_decay: float = 0.0, evaluate=None, eval_every: int = 0,
               stage_name: str = "train_gan_noise", progress: bool = True):
     """Train G (`net`) and the critic against the frozen `ddpm` at step t; returns (history, summary).
+
+    Stabilisers: `lr_critic` (default `lr`) gives the critic its own learning rate (two time-scale
+    updates, Heusel et al. 2017); `ema_decay` > 0 keeps an exponential moving average of G's
+    weights (torch.optim.swa_utils), which is what is evaluated and returned.
+
+    Model selection: with `evaluate` (a function G -> {"map_criterion", "image_auroc", ...} on val),
+    G is evaluated before the first step, every `eval_every` generator steps and after the last,
+    and `net` ends with the weights of the candidate `select.pick_candidate` keeps: the start
+    unless a later one is at least as good on val in both figures. summary["selection"] lists
+    every candidate's figures; summary["selected_step"] is the one kept.
 
     anomalous (Na, C, H, W), normal (Nn, C, H, W) in [-1, 1] (sizes may differ). An epoch is one
     pass over the anomalous set in generator steps (the last batch may be partial); before each
@@ -144,7 +157,23 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     schedule.to(device)
 
     opt_g = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(critic.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(critic.parameters(), lr=lr if lr_critic is None else lr_critic, betas=(0.5, 0.9))
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay > 0 else None
+    candidates, kept = [], {}  # model selection: every candidate's val figures; the kept one's weights
+
+    def consider(at_step: int) -> None:
+        """Evaluate G (its EMA when kept) on val; keep its weights if it is now the pick."""
+        if evaluate is None or (candidates and candidates[-1]["step"] == at_step):
+            return
+        g = ema.module if ema is not None else net
+        was = g.training
+        g.eval()
+        with torch.no_grad():
+            figures = evaluate(g)
+        g.train(was)
+        candidates.append({"step": at_step, **figures})
+        if select.pick_candidate(candidates) == len(candidates) - 1:
+            kept.update(step=at_step, state=copy.deepcopy(g.state_dict()))
     n_a, n_n, bs = len(anomalous), len(normal), batch_size
     if n_a == 0 or n_n == 0:
         raise ValueError(f"need anomalous and normal images, got {n_a} and {n_n}")
@@ -165,6 +194,8 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
 
     bar = tqdm(total=epochs * per_epoch, desc=stage_name, disable=not progress, leave=False)
     try:
+        epoch = 0
+        consider(0)
         for epoch in range(epochs):
             perm = torch.randperm(n_a, generator=generator)
             for start in range(0, n_a, bs):
@@ -195,6 +226,8 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                 guard("generator loss", losses["gen_loss"], **losses)
                 _step(opt_g, net, loss_g, grad_clip, lambda n: guard("generator gradient norm", n, **losses))
                 critic.requires_grad_(True)
+                if ema is not None:
+                    ema.update_parameters(net)
 
                 row = dict(step=step, epoch=epoch, gen_loss=losses["gen_loss"], mse=losses["mse"])
                 for key in ("critic_loss", "wasserstein", "grad_norm"):
@@ -203,6 +236,9 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                 step += 1
                 bar.update(1)
                 bar.set_postfix(W=f"{row['wasserstein']:.3f}", G=f"{row['gen_loss']:.3f}", mse=f"{row['mse']:.4f}")
+                if eval_every and step % eval_every == 0:
+                    consider(step)
+        consider(step)
     finally:
         bar.close()
         critic.requires_grad_(True)
@@ -210,6 +246,10 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
         for p, flag in zip(ddpm.parameters(), ddpm_state[1]):
             p.requires_grad_(flag)
 
+    if kept:
+        net.load_state_dict(kept["state"])
+    elif ema is not None:
+        net.load_state_dict(ema.module.state_dict())
     seconds = time.perf_counter() - started
     if state_checksum(ddpm) != checksum:  # cannot happen unless a bug gives the DDPM an optimizer
         raise AssertionError(f"{stage_name}: the frozen DDPM's weights changed during GAN training")
@@ -217,5 +257,6 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     last = history[history.epoch == history.epoch.max()]
     summary = {k: float(last[k].mean()) for k in HISTORY_COLUMNS[2:]}  # means over the last epoch
     summary.update(steps=step, epochs=epochs, seconds=seconds,
-                   images_per_s=epochs * n_a / seconds if seconds > 0 else float("nan"), ddpm_checksum=checksum)
+                   images_per_s=epochs * n_a / seconds if seconds > 0 else float("nan"), ddpm_checksum=checksum,
+                   selected_step=kept.get("step", step), selection=candidates)
     return history, summary

@@ -210,6 +210,17 @@ def image_auroc(scores, labels) -> float | None:
     return curves.auroc(curves.curve(_scores(scores, y.size), y == 1))
 
 
+def auroc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC measured on n_pos positives and n_neg negatives (Hanley and
+    McNeil 1982, exponential approximation). Written here because scikit-learn and scipy have no
+    AUROC variance; it tells how large a difference a val split of this size can resolve."""
+    if n_pos < 1 or n_neg < 1:
+        raise ValueError(f"need both classes, got {n_pos} positive and {n_neg} negative")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    return float(max(var, 0.0) ** 0.5)
+
+
 def image_ap(scores, labels) -> float | None:
     """Average precision of image scores; None unless both classes are present."""
     y = _labels(labels)
