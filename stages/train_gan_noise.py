@@ -25,6 +25,8 @@ STAGE = "train_gan_noise"
 PREPARED = ROOT / "data/prepared"
 DDPM = ROOT / "data/models/ddpm.pt"
 OUT = ROOT / "data/models/gan_generator.pt"
+SELECTION_COLUMNS = ["step", "map_criterion", "image_auroc", "image_auroc_se", "pixel_auroc", "aupro",
+                     "map_calibration", "score_calibration"]
 
 
 def main(params):
@@ -76,9 +78,10 @@ def main(params):
                  history[["step", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]])
     candidates = summary.pop("selection")
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items() if k != "ddpm_checksum"}
+    # one row per candidate evaluated on val; only the header when selection is off (eval_every 0)
+    table = pd.DataFrame(candidates, columns=SELECTION_COLUMNS)
+    io.write_csv(ROOT / f"plots/{STAGE}/selection.csv", table)
     if candidates:
-        table = pd.DataFrame(candidates)
-        io.write_csv(ROOT / f"plots/{STAGE}/selection.csv", table)
         chosen = table[table.step == summary["selected_step"]].iloc[0]
         for prefix, row in (("val", chosen), ("start_val", table.iloc[0])):
             for key in ("map_criterion", "image_auroc", "pixel_auroc", "aupro"):
