@@ -1,13 +1,14 @@
 """One tiny end-to-end run of the real pipeline with DVC, in a temporary git repo.
 
-Tiny params (32 px, a UNet of width 8, one epoch) keep it to a minute or two on 2 CPU cores;
-the point is the wiring: every stage runs, every metrics key is written, the pipeline is clean
-afterwards, `gan.lr` reruns only the GAN branch, a typo'd key is refused, and the same params
-give the same bytes.
+Tiny params (.ci/params-tiny.yaml: 32 px, a UNet of width 8, one epoch) keep it to a minute or
+two on 2 CPU cores; the point is the wiring: every stage runs, every metrics key is written, the
+pipeline is clean afterwards, `gan.lr` reruns only the GAN branch, a typo'd key is refused, and
+the same params give the same bytes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,16 +27,22 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.env
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "PYTHONHASHSEED": "0"}
 KEYS = {"pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
         "n_test_images", "seconds_per_image", "per_defect"}
-TINY = {
-    "data": {"image_size": 32},
-    "synth": {"n_train_normal": 12, "n_train_anomalous": 6, "n_val_normal": 4, "n_val_anomalous": 4,
-              "n_test_normal": 4, "n_test_anomalous": 6},
-    "ddpm": {"base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": [], "epochs": 1,
-             "batch_size": 8, "train_crop": 0},
-    "gan": {"epochs": 1, "batch_size": 4, "n_critic": 1, "t": 10, "denoise_steps": 1,
-            "base_channels": 8, "n_blocks": 1, "crop": 0},
-    "infer": {"t_start": 10, "steps": 1, "batch_size": 16},
-}
+# The tiny profile is one file, shared with the CI workflow: .ci/params-tiny.yaml, merged into
+# params.yaml by .ci/tiny_params.py (tests/test_ci_workflow.py checks the workflow uses both).
+TINY_SCRIPT = ROOT / ".ci" / "tiny_params.py"
+PROFILE = ROOT / ".ci" / "params-tiny.yaml"
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location("tiny_params", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_params = _load_script(TINY_SCRIPT)
+TINY = tiny_params.load_profile(PROFILE)
+merge = tiny_params.merge
 
 
 def sh(*cmd, cwd, check=True):
@@ -43,15 +50,6 @@ def sh(*cmd, cwd, check=True):
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
-
-
-def merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        if isinstance(v, dict) and k in base:
-            merge(base[k], v)
-        elif k in base:
-            base[k] = v
-    return base
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def repo(tmp_path_factory):
         (d / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, d / f)
     params = merge(yaml.safe_load((d / "params.yaml").read_text()), TINY)
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (d / "params.yaml").write_text(tiny_params.dump(params))
     sh("git", "init", "-q", cwd=d)
     sh("git", "add", "-A", cwd=d)
     sh("git", "commit", "-qm", "tiny", cwd=d)
