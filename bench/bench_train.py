@@ -26,11 +26,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from anodiff.config import read_yaml  # noqa: E402
 from anodiff.noise import for_batch, noise_kwargs  # noqa: E402
 from anodiff.schedule import Schedule  # noqa: E402
 from anodiff.train import pick_device, train_ddpm  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_yaml(Path(args.params).read_text())
     ddpm, channels = params["ddpm"], params["data"]["channels"]
     size, batch = args.image_size, args.batch
     device = pick_device()

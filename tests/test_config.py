@@ -6,7 +6,7 @@ import pydantic
 import pytest
 import yaml
 
-from anodiff.config import Infer, load_params, parse_params, to_dict
+from anodiff.config import Infer, load_params, parse_params, read_yaml, to_dict
 from anodiff.errors import ConfigError
 from conftest import _merge
 
@@ -127,3 +127,38 @@ def test_load_params_file_errors(tmp_path):
 def test_to_dict_round_trips():
     p = parse({"seed": 3, "data": {"image_size": 32}})
     assert parse_params(to_dict(p)) == p
+
+
+@pytest.mark.parametrize("text, value", [
+    ("5e-05", 5e-5),      # what `dvc exp run -S gan.lr=5e-5` writes (YAML 1.1 would give a string)
+    ("5E-5", 5e-5),
+    ("1e4", 1e4),
+    ("1.0e5", 1e5),
+    (".5", 0.5),
+    ("-.5", -0.5),
+    ("-2.5e-3", -2.5e-3),
+    ("+1.5", 1.5),
+    ("0.0001", 1e-4),
+])
+def test_floats_in_any_notation_are_floats(text, value):
+    got = read_yaml(f"x: {text}\n")["x"]
+    assert type(got) is float and got == value
+
+
+@pytest.mark.parametrize("text, value", [
+    ("10", 10), ("-3", -3), ("0", 0), ("true", True), ("false", False),
+    ("'5e-05'", "5e-05"), ("1e", "1e"), ("e5", "e5"), ("1.2.3", "1.2.3"), ("abc", "abc"),
+])
+def test_ints_bools_and_strings_keep_their_type(text, value):
+    got = read_yaml(f"x: {text}\n")["x"]
+    assert type(got) is type(value) and got == value
+
+
+def test_load_params_reads_an_exponent_float(tmp_path):
+    raw = _raw()
+    raw["gan"]["lr"] = "@LR@"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False).replace("'@LR@'", "5e-05"))
+    p = load_params(path)
+    assert p.gan.lr == 5e-5 and isinstance(p.gan.lr, float)
+    assert isinstance(p.data.image_size, int) and isinstance(p.data.augment.rot90, bool)

@@ -9,6 +9,7 @@ naming the key, the value and what is allowed, before a stage does any work.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -279,10 +280,31 @@ def parse_params(raw: dict) -> Params:
     return p
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats: `5e-05`, `1E4`, `-.5`, `1.0e5`.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so the `5e-05`
+    that `dvc exp run -S gan.lr=5e-5` writes (DVC's YAML is 1.2) would load as a string. Ints
+    (`10`), booleans (`true`) and everything else resolve as before; this resolver only catches
+    plain scalars that no YAML 1.1 resolver claimed.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """Parse a params file's text with ParamsLoader (floats in any notation are floats)."""
+    return yaml.load(text, Loader=ParamsLoader)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the repository root)") from None
     except yaml.YAMLError as exc:
