@@ -33,6 +33,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import io  # noqa: E402
 from realphoto_data import CATEGORIES, build_category  # noqa: E402

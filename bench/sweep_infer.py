@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import data, io, metrics, select  # noqa: E402
 from anodiff.config import load_params, parse_params, to_dict  # noqa: E402

@@ -1,4 +1,4 @@
-"""Plumbing shared by the stage scripts: typed params, seeding, and clean error exits.
+"""Plumbing shared by the stage scripts: typed params, seeding, threads, and clean error exits.
 
 A stage's user-facing failure is one line on stderr naming the file or params key, and exit
 code 2; a traceback is kept for bugs, not for bad input.
@@ -13,16 +13,21 @@ from pathlib import Path
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from anodiff.config import Params, load_params  # noqa: E402
-from anodiff.errors import AnodiffError  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's own library first: `dvc exp run --temp` and queued experiments run in a copy of
+# the repository, and the editable install (`pip install -e .`) would import the workspace's src/.
+if not sys.path or sys.path[0] != str(ROOT / "src"):
+    sys.path.insert(0, str(ROOT / "src"))
+
+from anodiff.config import Params, load_params  # noqa: E402
+from anodiff.errors import AnodiffError, ConfigError  # noqa: E402
 
 
 def run_stage(main, params_path: str | os.PathLike = "params.yaml") -> None:
     """Load params, call `main(params)`, and turn AnodiffError into `error: ...` + exit 2."""
     started = time.perf_counter()
     try:
+        set_threads_from_env()
         params = load_params(params_path)
         main(params)
     except AnodiffError as exc:
@@ -33,6 +38,23 @@ def run_stage(main, params_path: str | os.PathLike = "params.yaml") -> None:
         sys.exit(130)
     name = os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
     print(f"{name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+def set_threads_from_env() -> int | None:
+    """`torch.set_num_threads(n)` for ANODIFF_THREADS=n (a positive integer); unset: torch's default.
+
+    For several jobs side by side (`dvc queue start --jobs N`, or runs in parallel), each with its share
+    of the cores. Returns n, or None when the variable is unset."""
+    value = os.environ.get("ANODIFF_THREADS")
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigError(f"ANODIFF_THREADS: {value!r} must be a positive integer (threads per stage), or unset")
+    import torch
+
+    torch.set_num_threads(int(text))
+    return int(text)
 
 
 def torch_generator(seed: int, offset: int = 0):
