@@ -57,6 +57,25 @@ def set_threads_from_env() -> int | None:
     return int(text)
 
 
+#: run-to-run figures: kept out of the `metrics:` files (see write_timing)
+TIMING_KEYS = ("seconds", "seconds_per_image", "images_per_s", "device")
+
+
+def split_timing(summary: dict) -> tuple[dict, dict]:
+    """(the quality figures, the timing figures: TIMING_KEYS) of a summary dict."""
+    return ({k: v for k, v in summary.items() if k not in TIMING_KEYS},
+            {k: v for k, v in summary.items() if k in TIMING_KEYS})
+
+
+def write_timing(stage: str, timing: dict) -> None:
+    """metrics/timing/<stage>.json: how long a stage took and where. A plain `cache: false` out in
+    dvc.yaml, not a `metrics:` file, so `dvc metrics diff` of two runs of the same params is empty."""
+    from anodiff import io
+
+    io.write_json(ROOT / f"metrics/timing/{stage}.json",
+                  {k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()})
+
+
 def torch_generator(seed: int, offset: int = 0):
     """A CPU torch.Generator seeded from params (offset separates independent streams)."""
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import ROOT, torch_generator
+from _common import ROOT, split_timing, torch_generator, write_timing
 from anodiff import checkpoint, data, io
 from anodiff.config import to_dict
 from anodiff.noise import noise_kwargs
@@ -30,10 +30,11 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     schedule = Schedule.from_config(cfg)
     generator = torch_generator(params.seed, offset=1)
     kw = noise_kwargs(cfg.noise, cfg)
+    device = pick_device()
     result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
                         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
                         ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
-                        lts_keep=lts_keep, device=pick_device(), stage_name=stage)
+                        lts_keep=lts_keep, device=device, stage_name=stage)
     meta = {
         "stage": stage, "loss": loss, "huber_delta": huber_delta, "lts_keep": lts_keep,
         "noise": cfg.noise, "noise_kw": kw,
@@ -45,6 +46,8 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
                          generator.get_state(), meta)
     name = stage if stage.startswith("train_") else f"train_{stage}"
     io.write_csv(ROOT / f"plots/{stage}/loss.csv", result.history[["step", "epoch", "loss"]])
-    summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.summary.items()}
+    quality, timing = split_timing(result.summary)
+    summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in quality.items()}
     io.write_json(ROOT / f"metrics/{name}.json", {**summary, "n_train": len(rows), "n_anomalous": n_anomalous})
-    print(f"{stage}: final loss {summary['final_loss']:.4f}, {summary['images_per_s']:.1f} images/s")
+    write_timing(stage, {**timing, "device": str(device)})
+    print(f"{stage}: final loss {summary['final_loss']:.4f}, {timing['images_per_s']:.1f} images/s on {device}")

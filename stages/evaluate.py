@@ -20,7 +20,6 @@ def main(params, method: str) -> None:
     maps_dir = ROOT / f"data/maps/{method}"
     arrays = io.load_npz(maps_dir / "maps.npz")
     table = io.read_csv(maps_dir / "scores.csv")
-    timing = io.read_json(ROOT / f"metrics/infer_{method}.json")
     maps = arrays["maps"]
     masks = data.load_masks(PREPARED, table)  # None when the source has no masks
     labels = (table["label"] == "anomalous").to_numpy().astype(np.int64)
@@ -32,7 +31,7 @@ def main(params, method: str) -> None:
         maps[val], None if masks is None else masks[val], scores[val], labels[val])
     result = metrics.evaluate(
         maps[test], None if masks is None else masks[test], scores[test], labels[test],
-        table["defect"].to_numpy()[test], pixel_thr, timing["seconds_per_image"])
+        table["defect"].to_numpy()[test], pixel_thr)
     result["thresholds"] = {"pixel": pixel_thr, "image": image_thr}
 
     test_masks = None if masks is None else masks[test]

@@ -5,7 +5,8 @@ GAN generator's learned noise), denoise back in a few deterministic DDIM steps w
 DDPM, and compare, at each noise level of `infer.t_starts`. Normal val images calibrate the maps
 and image scores (`infer.normalize`; `auto` chooses the calibration on val, see select.py).
 Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
-meta.json (the settings, so `anodiff predict` reproduces these maps exactly, and the timing).
+meta.json (the settings, so `anodiff predict` reproduces these maps exactly); the calibration
+chosen goes to metrics/infer_<method>.json, the timing to metrics/timing/infer_<method>.json.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from _common import ROOT, run_stage, torch_generator
+from _common import ROOT, run_stage, torch_generator, write_timing
 from anodiff import data, io, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
@@ -51,7 +52,8 @@ def main(params, method: str, model: str, noise_from: str) -> None:
             "levels": det.levels(), "plan": det.plan(),
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows)}
-    # timing lives beside the metrics, not in data/maps, so the maps are the same bytes every run
+    # timing lives in metrics/timing/, not in data/maps (the maps are the same bytes every run) nor
+    # in the metrics file (`dvc metrics diff` of the same params shows nothing)
     timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, len(rows)), 5),
               "images_per_s": round(len(rows) / max(seconds, 1e-9), 3), "device": str(device)}
     # the choice is a metric (`dvc exp show` has a column for it); every candidate's val figures
@@ -66,7 +68,8 @@ def main(params, method: str, model: str, noise_from: str) -> None:
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **det.stats_arrays())
         io.write_csv(out / "scores.csv", table)
         io.write_json(out / "meta.json", meta)
-    io.write_json(ROOT / f"metrics/infer_{method}.json", {**chosen, **timing})
+    io.write_json(ROOT / f"metrics/infer_{method}.json", chosen)
+    write_timing(f"infer_{method}", timing)
     print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
           f"map calibration {choice['map']}, score calibration {choice['score']}")
 

@@ -1,4 +1,7 @@
-"""report: one markdown table of every method side by side -> metrics/summary.md."""
+"""report: one markdown table of every method side by side -> metrics/summary.md.
+
+The quality figures come from metrics/<method>.json; seconds_per_image (inference time, on the
+method's rows) from metrics/timing/infer_<method>.json."""
 
 from __future__ import annotations
 
@@ -10,14 +13,18 @@ from anodiff.errors import DataError
 
 METHODS = ("ddpm", "rddpm", "gan")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
-        "n_test_images", "seconds_per_image")
+        "n_test_images")
+TIMING = ("seconds_per_image",)
 
 
-def table(results: dict[str, dict]) -> pd.DataFrame:
-    """Rows = methods, columns = the metric keys; per-defect rows follow as method/defect."""
+def table(results: dict[str, dict], timing: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Rows = methods, columns = the metric keys (then the timing, on the methods' own rows);
+    per-defect rows follow as method/defect."""
+    timing = timing or {}
     rows = []
     for method, res in results.items():
-        rows.append({"method": method, **{k: res.get(k) for k in KEYS}})
+        rows.append({"method": method, **{k: res.get(k) for k in KEYS},
+                     **{k: timing.get(method, {}).get(k) for k in TIMING}})
     for method, res in results.items():
         for defect, sub in sorted(res.get("per_defect", {}).items()):
             rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS}})
@@ -25,13 +32,17 @@ def table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 def main(params) -> None:
-    results = {}
+    results, timing = {}, {}
     for method in METHODS:
         path = ROOT / f"metrics/{method}.json"
         if not path.exists():
             raise DataError(f"{path}: missing; run `dvc repro evaluate@{method}` first")
         results[method] = io.read_json(path)
-    frame = table(results)
+        path = ROOT / f"metrics/timing/infer_{method}.json"
+        if not path.exists():
+            raise DataError(f"{path}: missing; run `dvc repro infer@{method}` first")
+        timing[method] = io.read_json(path)
+    frame = table(results, timing)
     text = ("# anodiff: all methods on the test split\n\n"
             "Thresholds chosen on the validation split; `null` = undefined (no masks or one class).\n\n"
             + frame.to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")

@@ -11,7 +11,7 @@ comes from the DDPM checkpoint (it was trained with it). Params read: `seed`, `d
 import pandas as pd
 import torch
 
-from _common import ROOT, run_stage, torch_generator
+from _common import ROOT, run_stage, split_timing, torch_generator, write_timing
 from anodiff import anomaly, checkpoint, data, gan, io, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
@@ -77,7 +77,8 @@ def main(params):
     io.write_csv(ROOT / f"plots/{STAGE}/loss.csv",
                  history[["step", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]])
     candidates = summary.pop("selection")
-    out = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items() if k != "ddpm_checksum"}
+    quality, timing = split_timing(summary)
+    out = {k: round(v, 6) if isinstance(v, float) else v for k, v in quality.items() if k != "ddpm_checksum"}
     # one row per candidate evaluated on val; only the header when selection is off (eval_every 0)
     table = pd.DataFrame(candidates, columns=SELECTION_COLUMNS)
     io.write_csv(ROOT / f"plots/{STAGE}/selection.csv", table)
@@ -88,8 +89,9 @@ def main(params):
                 out[f"{prefix}_{key}"] = None if pd.isna(row[key]) else round(float(row[key]), 6)
         out["candidates"] = len(table)
     io.write_json(ROOT / f"metrics/{STAGE}.json", {**out, "n_anomalous": len(anomalous), "n_normal": len(normal)})
+    write_timing(STAGE, {**timing, "device": str(device)})
     print(f"{STAGE}: wasserstein {summary['wasserstein']:.4f}, gen_loss {summary['gen_loss']:.4f}, "
-          f"mse {summary['mse']:.5f}, {summary['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"
+          f"mse {summary['mse']:.5f}, {timing['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"
           + (f" (val map {out['val_map_criterion']}, image AUROC {out['val_image_auroc']}; start "
              f"{out['start_val_map_criterion']}, {out['start_val_image_auroc']})" if candidates else ""))
 

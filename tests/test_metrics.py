@@ -280,11 +280,11 @@ def _eval_case():
 
 def test_evaluate_keys_and_per_defect():
     maps, masks, scores, labels, defects = _eval_case()
-    out = M.evaluate(maps, masks, scores, labels, defects, threshold=0.5, seconds_per_image=0.25)
+    out = M.evaluate(maps, masks, scores, labels, defects, threshold=0.5)
     assert list(out) == list(M.METRIC_KEYS)
     for key in M.PIXEL_KEYS + M.IMAGE_KEYS:
         assert out[key] == 1.0 and type(out[key]) is float
-    assert out["n_test_images"] == 5 and out["seconds_per_image"] == 0.25
+    assert out["n_test_images"] == 5 and "seconds_per_image" not in out  # timing is not a quality metric
     assert set(out["per_defect"]) == {"crack", "dot"}
     assert all(type(k) is str for k in out["per_defect"])
     for d, n in (("crack", 3), ("dot", 4)):  # the defect's images + both normal images
@@ -300,17 +300,16 @@ def test_evaluate_per_defect_values_differ():
     maps = maps.copy()
     maps[3:] = 0.0
     scores = maps.max(axis=(1, 2))
-    out = M.evaluate(maps, masks, scores, labels, defects, 0.5, None)
+    out = M.evaluate(maps, masks, scores, labels, defects, 0.5)
     assert out["per_defect"]["crack"]["image_auroc"] == 1.0
     assert out["per_defect"]["crack"]["dice"] == 1.0
     assert out["per_defect"]["dot"]["image_auroc"] == 0.5  # ties with the normal images
     assert out["per_defect"]["dot"]["dice"] == 0.0
-    assert out["seconds_per_image"] is None
 
 
 def test_evaluate_without_masks_keeps_pixel_keys_as_none():
     maps, _, scores, labels, defects = _eval_case()
-    out = M.evaluate(maps, None, scores, labels, defects, threshold=None, seconds_per_image=1.0)
+    out = M.evaluate(maps, None, scores, labels, defects, threshold=None)
     assert list(out) == list(M.METRIC_KEYS)
     for key in M.PIXEL_KEYS:
         assert key in out and out[key] is None
@@ -326,10 +325,9 @@ def test_evaluate_rounds_to_six_decimals():
     masks = _blob_masks(rng, n=3, size=16)
     maps = masks + rng.normal(0, 0.7, masks.shape)
     labels = [1, 1, 0]
-    out = M.evaluate(maps, masks, rng.random(3), labels, ["a", "b", "good"], 0.5, 1 / 3)
-    for key in ("pixel_auroc", "pixel_ap", "aupro", "dice", "seconds_per_image"):
+    out = M.evaluate(maps, masks, rng.random(3), labels, ["a", "b", "good"], 0.5)
+    for key in ("pixel_auroc", "pixel_ap", "aupro", "dice", "image_auroc"):
         assert out[key] == round(out[key], 6)
-    assert out["seconds_per_image"] == 0.333333
 
 
 # ----------------------------------------------------------------------- curve tables

@@ -48,9 +48,11 @@ __all__ = [
 ]
 
 #: keys of metrics/<method>.json (DESIGN.md); per_defect entries hold all but "per_defect".
+#: Quality figures only: timing goes to metrics/timing/ (not a DVC metric), so `dvc metrics diff`
+#: of two runs with the same params shows nothing.
 METRIC_KEYS = (
     "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
-    "n_test_images", "seconds_per_image", "per_defect",
+    "n_test_images", "per_defect",
 )
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice")
 IMAGE_KEYS = ("image_auroc", "image_ap")
@@ -266,7 +268,7 @@ def choose_thresholds(val_maps, val_masks, val_scores=None, val_labels=None):
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _metrics_block(px, scores, labels, threshold, seconds_per_image, images=None) -> dict:
+def _metrics_block(px, scores, labels, threshold, images=None) -> dict:
     """All keys except per_defect for the chosen images (all if None) of checked inputs."""
     out = dict.fromkeys(PIXEL_KEYS + IMAGE_KEYS)
     if px is not None:
@@ -279,17 +281,17 @@ def _metrics_block(px, scores, labels, threshold, seconds_per_image, images=None
         c = curves.curve(scores if images is None else scores[images], y == 1)
         out.update(image_auroc=curves.auroc(c), image_ap=curves.average_precision(c))
     out = {k: _clean(v) for k, v in out.items()}
-    return {**out, "n_test_images": int(y.size), "seconds_per_image": _clean(seconds_per_image)}
+    return {**out, "n_test_images": int(y.size)}
 
 
-def evaluate(maps, masks, scores, labels, defects, threshold, seconds_per_image=None) -> dict:
+def evaluate(maps, masks, scores, labels, defects, threshold) -> dict:
     """The metrics/<method>.json dict: exactly METRIC_KEYS, JSON-serialisable.
 
     maps (N, H, W) float or None; masks (N, H, W) {0,1} or None (no masks in the data:
     every pixel key is None); scores (N,) image scores or None; labels (N,) 0/1 or
     'normal'/'anomalous'; defects (N,) defect names ('good' for normal images);
     threshold: the pixel threshold chosen on validation (see choose_threshold), used for
-    Dice; seconds_per_image: inference time per image, copied through.
+    Dice.
 
     per_defect[d], for every defect type d of the anomalous test images, holds the same
     keys (without per_defect) computed on d's images together with ALL normal test images,
@@ -311,10 +313,10 @@ def evaluate(maps, masks, scores, labels, defects, threshold, seconds_per_image=
     s = _scores(scores, n) if scores is not None else None
     thr = None if threshold is None else float(threshold)
 
-    result = _metrics_block(px, s, y, thr, seconds_per_image)
+    result = _metrics_block(px, s, y, thr)
     normal = y == 0
     result["per_defect"] = {
-        defect: _metrics_block(px, s, y, thr, seconds_per_image, normal | ((y == 1) & (d == defect)))
+        defect: _metrics_block(px, s, y, thr, normal | ((y == 1) & (d == defect)))
         for defect in sorted({str(x) for x in d[y == 1]})
     }
     return {k: result[k] for k in METRIC_KEYS}
