@@ -2,6 +2,7 @@
 on val (select.choose)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -172,3 +173,37 @@ def test_too_few_normal_val_images_is_a_clear_error():
     select.check_normal_count(0, ["image", "none"])  # these need no normal images
     with pytest.raises(DataError, match="split val has 1 normal"):
         select.check_normal_count(1, ["texture2"])
+
+
+# ------------------------------------------------------------------ read-only inputs
+def _read_only(a):
+    a = np.array(a)
+    a.setflags(write=False)  # what pandas 3's .to_numpy() (copy-on-write) and np.frombuffer give
+    return a
+
+
+def test_read_only_arrays_give_no_warning():
+    """torch.from_numpy on a read-only array warns (once per process: one line per stage); the
+    library copies where a caller's array becomes a tensor."""
+    raw, normal, labels, masks = _val_set(1.5)
+    split = _read_only(np.array(["val"] * len(raw)))
+    anomalous = _read_only(labels == 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal = anomaly.Calibration("texture").fit(raw[:4])
+        state = {k: _read_only(v) for k, v in cal.state("p").items()}
+        back = anomaly.Calibration.from_state("texture", state, "p")
+        select.choose(raw, _read_only(normal), _read_only(labels), _read_only(masks))
+
+        class Det:  # the two calls calibrate_on_val makes of a Detector
+            settings = type("S", (), {"normalize": "auto"})()
+
+            def calibrate(self, maps, map_kind, score_kind):
+                self.kinds = (map_kind, score_kind)
+
+        det = Det()
+        select.calibrate_on_val(det, raw, split, anomalous, _read_only(masks))
+    torch.testing.assert_close(back.apply(raw), cal.apply(raw))
+    assert det.kinds[0] in anomaly.CALIBRATIONS
+    state["p_loc"] = np.zeros_like(state["p_loc"])  # the calibration holds copies, not the caller's arrays
+    torch.testing.assert_close(back.apply(raw), cal.apply(raw))

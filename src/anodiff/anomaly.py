@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
@@ -179,5 +180,7 @@ class Calibration:
 
     @classmethod
     def from_state(cls, kind: str, arrays: dict, prefix: str) -> "Calibration":
-        found = {k[len(prefix) + 1:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix + "_")}
+        # copies: stored arrays may be read-only (torch.from_numpy would warn) and stay the caller's
+        found = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()
+                 if k.startswith(prefix + "_")}
         return cls(kind, found)
