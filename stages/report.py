@@ -1,7 +1,7 @@
 """report: one markdown table of every method side by side -> metrics/summary.md.
 
-The quality figures come from metrics/<method>.json; seconds_per_image (inference time, on the
-method's rows) from metrics/timing/infer_<method>.json."""
+The quality figures come from metrics/<method>.json; seconds_per_image (inference time) from
+metrics/timing/infer_<method>.json."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ TIMING = ("seconds_per_image",)
 
 
 def table(results: dict[str, dict], timing: dict[str, dict] | None = None) -> pd.DataFrame:
-    """Rows = methods, columns = the metric keys (then the timing, on the methods' own rows);
-    per-defect rows follow as method/defect."""
+    """Rows = methods, columns = the metric keys, then the method's timing; per-defect rows
+    follow as method/defect (with the method's timing)."""
     timing = timing or {}
     rows = []
     for method, res in results.items():
@@ -27,7 +27,8 @@ def table(results: dict[str, dict], timing: dict[str, dict] | None = None) -> pd
                      **{k: timing.get(method, {}).get(k) for k in TIMING}})
     for method, res in results.items():
         for defect, sub in sorted(res.get("per_defect", {}).items()):
-            rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS}})
+            rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS},
+                         **{k: timing.get(method, {}).get(k) for k in TIMING}})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,132 @@
+"""What a user does with DVC, in a tiny temporary git repo (the approach of test_pipeline.py):
+
+- `dvc repro -f` with the same params gives an empty `dvc metrics diff`: the `metrics:` files hold
+  quality figures only, timing goes to metrics/timing/ (not a DVC metric);
+- no library warning reaches the user;
+- `dvc exp run -S gan.lr=5e-5`: DVC writes `5e-05` into params.yaml and the stage reads it as a float.
+
+Tiny params (.ci/params-tiny.yaml: 32 px, one epoch; here also one noise level and one draw) keep
+the whole file to a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "PYTHONHASHSEED": "0"}
+# the tiny profile shared with test_pipeline.py and CI (.ci/params-tiny.yaml), plus one noise level
+# and one draw: this file checks DVC's bookkeeping, not the maps
+_spec = importlib.util.spec_from_file_location("tiny_params", ROOT / ".ci" / "tiny_params.py")
+tiny_params = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_params)
+FASTER = {"infer": {"t_starts": [], "level_steps": [], "guidance": [], "n_seeds": 1}}
+TIMING_KEYS = {"seconds", "seconds_per_image", "images_per_s", "device"}
+TIMING_FILES = ("pretrain_ddpm", "train_robust_ddpm", "train_gan_noise", "infer_ddpm", "infer_rddpm", "infer_gan")
+
+
+def sh(*cmd, cwd, check=True):
+    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The repository's tracked files with tiny params, reproduced once and committed."""
+    d = tmp_path_factory.mktemp("workflow")
+    listed = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split("\n")
+    for f in filter(None, listed):
+        if f == "dvc.lock" or f.startswith(("data/", "metrics/", "plots/", "bench/", ".venv")) \
+                or not (ROOT / f).is_file():
+            continue
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, d / f)
+    params = tiny_params.merge(yaml.safe_load((d / "params.yaml").read_text()), tiny_params.load_profile())
+    (d / "params.yaml").write_text(tiny_params.dump(tiny_params.merge(params, FASTER)))
+    sh("git", "init", "-q", cwd=d)
+    sh("git", "add", "-A", cwd=d)
+    sh("git", "commit", "-qm", "tiny", cwd=d)
+    res = sh("dvc", "repro", cwd=d)
+    sh("git", "add", "-A", cwd=d)
+    sh("git", "commit", "-qm", "repro", cwd=d)
+    return d, res.stdout + res.stderr
+
+
+def test_no_library_warning_reaches_the_user(repo):
+    _, log = repo
+    bad = [line for line in log.splitlines() if "Warning" in line or "not writable" in line]
+    assert not bad, bad
+
+
+def test_timing_is_out_of_the_metrics_files(repo):
+    d, _ = repo
+    for name in TIMING_FILES:
+        timing = json.loads((d / f"metrics/timing/{name}.json").read_text())
+        assert TIMING_KEYS & set(timing) and timing["device"] == "cpu", name
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=d).stdout)
+    files = {path: entry["data"] for rev in shown.values() for path, entry in rev["data"].items()}
+    assert files and not any(p.startswith("metrics/timing") for p in files)
+
+    def keys(obj):
+        return set(obj) | {k for v in obj.values() if isinstance(v, dict) for k in keys(v)} \
+            if isinstance(obj, dict) else set()
+
+    for path, data in files.items():
+        assert not keys(data) & TIMING_KEYS, path
+    assert "seconds_per_image" in (d / "metrics/summary.md").read_text()  # the report still shows it
+
+
+def test_same_params_give_an_empty_metrics_diff(repo):
+    d, _ = repo
+    sh("dvc", "repro", "-f", cwd=d)
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=d).stdout or "{}")
+    changed = {path: {k: v for k, v in figures.items() if v.get("old") != v.get("new")}
+               for path, figures in diff.items()}
+    assert not any(changed.values()), changed
+    assert sh("dvc", "metrics", "diff", cwd=d).stdout.strip() == ""
+    sh("git", "checkout", "--", ".", cwd=d)  # the timing files differ; leave the repo as committed
+
+
+def test_run_sh_repro_ends_with_the_summary(repo):
+    """`./run.sh repro` prints metrics/summary.md (the methods side by side) at the end, not the
+    40-column `dvc metrics show`. Its .venv here is this interpreter (run.sh installs nothing)."""
+    d, _ = repo
+    venv = d / ".venv" / "bin"  # .venv is gitignored
+    venv.mkdir(parents=True, exist_ok=True)
+    for name in ("python", "dvc"):
+        (venv / name).write_text(f'#!/bin/sh\nexec "{BIN / name}" "$@"\n')
+        (venv / name).chmod(0o755)
+    stamp = sh("sh", "-c", "sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1", cwd=d).stdout
+    (d / ".venv" / ".requirements.sha256").write_text(stamp)
+    res = sh("./run.sh", "repro", cwd=d)
+    summary = (d / "metrics/summary.md").read_text()
+    assert res.stdout.rstrip().endswith(summary.rstrip())
+    assert "Path" not in res.stdout  # `dvc metrics show`'s header
+
+
+def test_exp_run_with_a_small_float(repo):
+    """DVC writes 5e-05 (YAML 1.2); PyYAML alone would read it as a string, and the stage would
+    refuse it ("is not a number")."""
+    d, _ = repo
+    res = sh("dvc", "exp", "run", "-S", "gan.lr=5e-5", "train_gan_noise", cwd=d)
+    assert "Running stage 'train_gan_noise'" in res.stdout + res.stderr
+    assert re.search(r"^\s+lr: 5e-05\b", (d / "params.yaml").read_text(), re.M)
+    import torch
+
+    meta = torch.load(d / "data/models/gan_generator.pt", map_location="cpu", weights_only=True)["meta"]
+    assert meta["gan"]["lr"] == 5e-5
