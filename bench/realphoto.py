@@ -14,7 +14,7 @@ MVTec-layout folder under `--data-dir`, then runs the pipeline with default para
 experiment you can `dvc exp show`.) It reads every method's `metrics/<method>.json` back from the
 experiment and writes `bench/realphoto.json`, `{category: {method: metrics}}` (the mean over
 seeds; per-seed figures under `per_seed`, their spread under `spread`), and
-`bench/realphoto_run.json` (how long it took, the commands), then prints one table.
+`bench/realphoto_run.json` (`<out>_run.json` for another `--out`: how long it took, the commands), then prints one table.
 Settings are chosen on each category's val split by the pipeline itself; test is report-only.
 """
 
@@ -59,7 +59,8 @@ def _env() -> dict:
 
 
 def _exp_ref(name: str) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=ROOT,
+    # newest last: an older experiment of the same name (an earlier run) must not be read back
+    refs = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname)", "refs/exps"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout.split()
     found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
     if not found:
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
 
     total = time.perf_counter() - started
     run_info = {"seconds": round(total, 1), "seeds": args.seeds, "methods": args.methods, "runs": runs}
-    io.write_json(args.out.parent / "realphoto_run.json", run_info)
+    io.write_json(args.out.with_name(args.out.stem + "_run.json"), run_info)  # realphoto_run.json by default
     tab = table(results)
     print(tab.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\nbenchmark took {total / 60:.1f} min for {len(args.categories)} categories x "

@@ -207,3 +207,22 @@ def test_read_only_arrays_give_no_warning():
     assert det.kinds[0] in anomaly.CALIBRATIONS
     state["p_loc"] = np.zeros_like(state["p_loc"])  # the calibration holds copies, not the caller's arrays
     torch.testing.assert_close(back.apply(raw), cal.apply(raw))
+
+
+def test_val_figures_are_those_of_the_chosen_calibrations_with_the_standard_error():
+    """The GAN's model selection judges a candidate by the figures `infer` would choose by."""
+    raw, normal, labels, masks = _val_set(0.005)
+    choice = select.choose(raw, normal, labels, masks)
+    fig = select.val_figures(raw, normal, labels, masks)
+    assert (fig["map_calibration"], fig["score_calibration"]) == (choice["map"], choice["score"])
+    assert fig["map_criterion"] == choice["table"][choice["map"]]["map_criterion"]
+    assert fig["image_auroc"] == choice["table"][choice["score"]]["image_auroc"] == 1.0
+    assert fig["image_auroc_se"] == 0.0  # a perfect AUROC has no spread
+    # judged on every anomalous val image and the half of the normal ones not fitted on
+    n_judged_normal = int(normal.sum()) - len(range(0, int(normal.sum()), 2))
+    from anodiff import metrics
+
+    noisy = select.val_figures(raw, normal, labels, masks, candidates=("none",))
+    assert noisy["map_calibration"] == noisy["score_calibration"] == "none"
+    assert noisy["image_auroc_se"] == pytest.approx(
+        metrics.auroc_standard_error(noisy["image_auroc"], int(labels.sum()), n_judged_normal))
