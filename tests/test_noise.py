@@ -114,11 +114,13 @@ def test_gan_noise_of_a_residual_generator_corrects_gaussian_noise_from_the_gene
     ref = _gen(4)
     expected = net(x, gaussian(x.shape, ref))
     assert torch.equal(out, expected) and torch.equal(gen.get_state(), ref.get_state())  # one draw of x's shape
-    # golden values, from the GAN's former `noise_for`, which this replaces
-    assert out[0, 0, 0, :4].tolist() == [-0.8885703086853027, 0.7479020357131958, 0.36911243200302124,
-                                         -1.0834599733352661]
-    assert out[1, 2, 7, :3].tolist() == [-0.6226832270622253, 0.578643798828125, 0.02074611186981201]
-    assert out.double().sum().item() == pytest.approx(-30.169414021074772, abs=1e-9)
+    # golden values, from the GAN's former `noise_for`, which this replaces; to 1e-5, not to the bit:
+    # float32 convolutions differ in the last bits between CPU instruction sets (AVX2, AVX-512)
+    assert out[0, 0, 0, :4].tolist() == pytest.approx([-0.8885703086853027, 0.7479020357131958,
+                                                       0.36911243200302124, -1.0834599733352661], abs=1e-5)
+    assert out[1, 2, 7, :3].tolist() == pytest.approx([-0.6226832270622253, 0.578643798828125,
+                                                       0.02074611186981201], abs=1e-5)
+    assert out.double().sum().item() == pytest.approx(-30.169414021074772, abs=1e-4)
 
 
 @torch.no_grad()
@@ -128,9 +130,9 @@ def test_gan_noise_of_the_reports_generator_draws_nothing():
     before = gen.get_state()
     out = for_batch(x, gen, net=net)
     assert torch.equal(out, net(x)) and torch.equal(gen.get_state(), before)
-    assert out[0, 0, 0, :4].tolist() == [0.07800013571977615, 0.5797879695892334, 0.2362520545721054,
-                                         0.43594416975975037]
-    assert out.double().sum().item() == pytest.approx(18.160558586008847, abs=1e-9)
+    assert out[0, 0, 0, :4].tolist() == pytest.approx([0.07800013571977615, 0.5797879695892334,
+                                                       0.2362520545721054, 0.43594416975975037], abs=1e-5)
+    assert out.double().sum().item() == pytest.approx(18.160558586008847, abs=1e-4)  # see above
 
 
 def test_gan_noise_corrects_gaussian_noise_only():
