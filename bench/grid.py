@@ -1,0 +1,209 @@
+"""The methods' claims as a grid of DVC experiments: robust loss against contamination, simplex
+against Gaussian noise, over seeds, queued and run with DVC's own machinery.
+
+    python bench/grid.py run --seeds 0 1 2 --jobs 2      # queue the grid, run it, then report
+    python bench/grid.py run --category moon --seeds 0   # on a real-photo category instead
+    python bench/grid.py report                          # table and plot from finished experiments
+
+`run` queues one experiment per cell (names `grid-<data>-c<contamination>-<loss>-s<seed>` and
+`grid-<data>-<noise>-s<seed>`):
+
+    dvc exp run --queue -f -n <name> -S data.contamination=<c> -S robust.loss=<loss> -S seed=<s> evaluate@ddpm evaluate@rddpm
+    dvc exp run --queue -f -n <name> -S ddpm.noise=simplex -S seed=<s> evaluate@ddpm
+
+and starts `dvc queue start --jobs N` with `ANODIFF_THREADS` set to the cores over N, so the jobs
+share the CPU without oversubscribing it. `ddpm` (plain MSE) trained on the same contaminated data
+is the baseline of each robust loss; the Gaussian cell of the noise claim is the default cell
+(contamination 0.1, `huber`), whose `ddpm` uses Gaussian noise.
+
+`report` reads every method's `metrics/<method>.json` back from the newest experiment of each
+name and writes `bench/grid.json` (one row a cell and method), `bench/grid.md` (the mean over seeds,
+the range in brackets) and `plots/grid_contamination.png` (pixel AP and pixel AUROC against
+contamination, one line per loss; the band is the range over seeds). Test figures, settings chosen
+on val by the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
+
+from anodiff import io  # noqa: E402
+from realphoto import _env, _exp_ref, _read_metrics  # noqa: E402
+from realphoto_data import CATEGORIES, build_category  # noqa: E402
+
+CONTAMINATION = (0.0, 0.1, 0.2, 0.3)
+LOSSES = ("huber", "lts")
+NOISES = ("simplex",)  # Gaussian: the default cell
+KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
+
+
+def cells(data: str, seeds: list[int]) -> list[dict]:
+    """Every experiment of the grid: its name, its `-S` overrides, its targets and what it measures."""
+    out = []
+    for seed in seeds:
+        for c in CONTAMINATION:
+            for loss in LOSSES:
+                out.append({"name": f"grid-{data}-c{c:g}-{loss}-s{seed}", "seed": seed, "contamination": c,
+                            "loss": loss, "noise": "gaussian",
+                            "set": [f"data.contamination={c:g}", f"robust.loss={loss}", f"seed={seed}"],
+                            "targets": ["evaluate@ddpm", "evaluate@rddpm"], "methods": ["ddpm", "rddpm"]})
+        for noise in NOISES:
+            out.append({"name": f"grid-{data}-{noise}-s{seed}", "seed": seed, "contamination": 0.1, "loss": "mse",
+                        "noise": noise, "set": [f"ddpm.noise={noise}", f"seed={seed}"],
+                        "targets": ["evaluate@ddpm"], "methods": ["ddpm"]})
+    return out
+
+
+def _data_args(category: str | None, data_dir: Path) -> tuple[str, list[str]]:
+    if category is None:
+        return "embedded", []
+    folder = build_category(category, data_dir.resolve(), seed=0)
+    return category, [f"data.source={folder}", "data.layout=mvtec"]
+
+
+def _dvc(args: list[str], log) -> str:
+    print("$", " ".join(args), file=log, flush=True)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=_env())
+    log.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(args)} failed (exit {proc.returncode}); see {log.name}")
+    return proc.stdout
+
+
+def _wait(log, poll: float = 20.0) -> None:
+    """Until the queue has nothing queued or running; a failed task is an error."""
+    while True:
+        status = _dvc(["dvc", "queue", "status"], log)
+        rows = [line for line in status.splitlines() if line.strip()]
+        if any(" Failed " in f" {r} " for r in rows):
+            raise SystemExit(f"error: a queued experiment failed; `dvc queue logs <name>` tells why ({log.name})")
+        if not any(word in r for r in rows for word in ("Queued", "Running")):
+            return
+        time.sleep(poll)
+
+
+def run(args) -> None:
+    data, data_sets = _data_args(args.category, args.data_dir)
+    grid = cells(data, args.seeds)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    started = time.perf_counter()
+    with open(args.log, "w") as log:
+        for cell in grid:
+            sets = [s for kv in data_sets + cell["set"] for s in ("-S", kv)]
+            _dvc(["dvc", "exp", "run", "--queue", "-f", "-n", cell["name"], *sets, *cell["targets"]], log)
+        os.environ["ANODIFF_THREADS"] = str(threads)  # the workers and their stages inherit it
+        _dvc(["dvc", "queue", "start", "--jobs", str(args.jobs)], log)
+        _wait(log)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{len(grid)} experiments in {minutes:.1f} min ({args.jobs} jobs, {threads} thread(s) each)")
+    report(args, data=data)
+
+
+def collect(data: str, seeds: list[int]) -> pd.DataFrame:
+    rows = []
+    for cell in cells(data, seeds):
+        try:
+            ref = _exp_ref(cell["name"])
+        except SystemExit:
+            continue  # not run (yet)
+        for method in cell["methods"]:
+            m = _read_metrics(ref, method)
+            loss = "mse" if method == "ddpm" else cell["loss"]
+            rows.append({"data": data, "experiment": cell["name"], "seed": cell["seed"], "method": method,
+                         "contamination": cell["contamination"], "loss": loss, "noise": cell["noise"],
+                         **{k: m[k] for k in KEYS},
+                         **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}})
+    return pd.DataFrame(rows)
+
+
+def _summary(df: pd.DataFrame, by: list[str], keys=KEYS) -> pd.DataFrame:
+    g = df.groupby(by)
+    out = g[list(keys)].mean()
+    lo, hi = g[list(keys)].min(), g[list(keys)].max()
+    text = out.copy().astype(object)
+    for k in keys:
+        text[k] = [f"{m:.3f}" if n == 1 else f"{m:.3f} ({a:.3f}-{b:.3f})"
+                   for m, a, b, n in zip(out[k], lo[k], hi[k], g.size())]
+    text["seeds"] = g["seed"].apply(lambda s: ",".join(str(v) for v in sorted(s)))
+    return text.reset_index()
+
+
+def plot(df: pd.DataFrame, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in zip(axes, ("pixel_ap", "pixel_auroc"), ("pixel AP", "pixel AUROC")):
+        for loss, part in df.groupby("loss"):
+            g = part.groupby("contamination")[key]
+            x = g.mean().index.to_numpy()
+            ax.plot(x, g.mean().to_numpy(), marker="o", label=loss)
+            ax.fill_between(x, g.min().to_numpy(), g.max().to_numpy(), alpha=0.2)
+        ax.set_xlabel("data.contamination (share of defective training images)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="robust.loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)  # never half-written
+
+
+def report(args, data: str | None = None) -> None:
+    if data is None:
+        data = "embedded" if args.category is None else args.category
+    df = collect(data, args.seeds)
+    if df.empty:
+        raise SystemExit(f"error: no finished grid experiment for {data}, seeds {args.seeds}; "
+                         "run `python bench/grid.py run` first")
+    out = args.out_dir
+    io.write_json(out / f"grid_{data}.json", df.to_dict(orient="records"))
+    loss_rows = df[df["noise"] == "gaussian"].drop_duplicates(["seed", "contamination", "loss"])
+    noise_rows = df[(df["method"] == "ddpm") & (df["contamination"] == 0.1)
+                    & ((df["noise"] != "gaussian") | (df["experiment"].str.contains("-huber-")))]
+    loss_tab = _summary(loss_rows, ["contamination", "loss"])
+    families = [c for c in df.columns if c.startswith("pixel_auroc_")]  # per defect family
+    noise_tab = _summary(noise_rows, ["noise"], KEYS + tuple(families))
+    md = (f"Robust loss against contamination ({data}; `mse` is method `ddpm`):\n\n"
+          + loss_tab.to_markdown(index=False) + "\n\n"
+          + f"Simplex against Gaussian noise ({data}, method `ddpm`, contamination 0.1):\n\n"
+          + noise_tab.to_markdown(index=False) + "\n")
+    io.write_text(out / f"grid_{data}.md", md)
+    plot(loss_rows, args.plot_dir / f"grid_contamination_{data}.png",
+         f"{data}: test figures against training contamination, seeds {','.join(map(str, sorted(df['seed'].unique())))}")
+    print(md)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--category", choices=CATEGORIES, default=None,
+                        help="a real-photo category of bench/realphoto_data.py; default: the embedded marble")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "bench/realphoto_data")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench")
+    parser.add_argument("--plot-dir", type=Path, default=ROOT / "plots")
+    parser.add_argument("--log", type=Path, default=ROOT / "bench/grid.log")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit("error: --jobs must be at least 1")
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The experiment grid's bookkeeping (bench/grid.py): which experiments it queues, and the table and
+plot it makes of them. Running the grid (DVC's queue) is a benchmark, not a test."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import grid  # noqa: E402
+
+
+def test_cells_cover_contamination_times_loss_and_simplex_for_every_seed():
+    cells = grid.cells("embedded", [0, 1])
+    assert len(cells) == 2 * (len(grid.CONTAMINATION) * len(grid.LOSSES) + len(grid.NOISES))
+    assert len({c["name"] for c in cells}) == len(cells)  # every name once: each is its own experiment
+    lts = next(c for c in cells if c["name"] == "grid-embedded-c0.3-lts-s1")
+    assert lts["set"] == ["data.contamination=0.3", "robust.loss=lts", "seed=1"]
+    assert lts["targets"] == ["evaluate@ddpm", "evaluate@rddpm"]  # ddpm: the MSE baseline, same data
+    simplex = next(c for c in cells if c["name"] == "grid-embedded-simplex-s0")
+    assert simplex["set"] == ["ddpm.noise=simplex", "seed=0"] and simplex["methods"] == ["ddpm"]
+
+
+def _fake_metrics(ref, method):
+    seed, c = int(ref[-1]), float(ref.split("-c")[1].split("-")[0]) if "-c" in ref else 0.1
+    base = 0.9 - c / 2 if method == "ddpm" else 0.9 - c / 4  # a robust loss that holds up
+    if "simplex" in ref:
+        base = 0.95
+    v = base + 0.01 * seed
+    return {"pixel_auroc": v, "pixel_ap": v - 0.5, "aupro": v - 0.1, "image_auroc": v - 0.2,
+            "per_defect": {"crack": {"pixel_auroc": v}}}
+
+
+def test_report_writes_table_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid, "_exp_ref", lambda name: "refs/exps/x/" + name)
+    monkeypatch.setattr(grid, "_read_metrics", _fake_metrics)
+    args = argparse.Namespace(category=None, seeds=[0, 1], out_dir=tmp_path, plot_dir=tmp_path)
+    grid.report(args)
+    rows = pd.read_json(tmp_path / "grid_embedded.json")
+    assert len(rows) == 2 * (8 * 2 + 1)  # two methods a loss cell, one a noise cell
+    md = (tmp_path / "grid_embedded.md").read_text()
+    # contamination 0.3: MSE 0.75 and 0.76 -> mean 0.755 (range); huber 0.825/0.835
+    assert "0.755 (0.750-0.760)" in md and "0.830 (0.825-0.835)" in md
+    assert "simplex" in md and "0.955 (0.950-0.960)" in md  # the noise table, with per-family columns
+    assert "pixel_auroc_crack" in md
+    with Image.open(tmp_path / "grid_contamination_embedded.png") as im:
+        assert im.size[0] > 400
+
+
+def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
+    def missing(name):
+        raise SystemExit("no ref")
+    monkeypatch.setattr(grid, "_exp_ref", missing)
+    args = argparse.Namespace(category=None, seeds=[0], out_dir=tmp_path, plot_dir=tmp_path)
+    with pytest.raises(SystemExit, match="bench/grid.py run"):
+        grid.report(args)
