@@ -52,11 +52,11 @@ NOISES = ("simplex",)  # Gaussian: the default cell
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 
 
-def cells(data: str, seeds: list[int]) -> list[dict]:
+def cells(data: str, seeds: list[int], contamination=CONTAMINATION) -> list[dict]:
     """Every experiment of the grid: its name, its `-S` overrides, its targets and what it measures."""
     out = []
     for seed in seeds:
-        for c in CONTAMINATION:
+        for c in contamination:
             for loss in LOSSES:
                 out.append({"name": f"grid-{data}-c{c:g}-{loss}-s{seed}", "seed": seed, "contamination": c,
                             "loss": loss, "noise": "gaussian",
@@ -99,8 +99,8 @@ def _wait(log, poll: float = 20.0) -> None:
 
 def run(args) -> None:
     data, data_sets = _data_args(args.category, args.data_dir)
-    grid = cells(data, args.seeds)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    grid = cells(data, args.seeds, args.contamination)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with open(args.log, "w") as log:
         for cell in grid:
@@ -114,9 +114,9 @@ def run(args) -> None:
     report(args, data=data)
 
 
-def collect(data: str, seeds: list[int]) -> pd.DataFrame:
+def collect(data: str, seeds: list[int], contamination=CONTAMINATION) -> pd.DataFrame:
     rows = []
-    for cell in cells(data, seeds):
+    for cell in cells(data, seeds, contamination):
         try:
             ref = _exp_ref(cell["name"])
         except SystemExit:
@@ -166,7 +166,7 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
 def report(args, data: str | None = None) -> None:
     if data is None:
         data = "embedded" if args.category is None else args.category
-    df = collect(data, args.seeds)
+    df = collect(data, args.seeds, args.contamination)
     if df.empty:
         raise SystemExit(f"error: no finished grid experiment for {data}, seeds {args.seeds}; "
                          "run `python bench/grid.py run` first")
@@ -194,7 +194,11 @@ def main(argv=None) -> None:
     parser.add_argument("--category", choices=CATEGORIES, default=None,
                         help="a real-photo category of bench/realphoto_data.py; default: the embedded marble")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--contamination", nargs="+", type=float, default=list(CONTAMINATION),
+                        help="data.contamination values of the loss grid")
     parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ANODIFF_THREADS of each job; default: the cores over --jobs")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "bench/realphoto_data")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench")
     parser.add_argument("--plot-dir", type=Path, default=ROOT / "plots")

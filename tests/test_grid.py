@@ -38,7 +38,7 @@ def _fake_metrics(ref, method):
 def test_report_writes_table_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "_exp_ref", lambda name: "refs/exps/x/" + name)
     monkeypatch.setattr(grid, "_read_metrics", _fake_metrics)
-    args = argparse.Namespace(category=None, seeds=[0, 1], out_dir=tmp_path, plot_dir=tmp_path)
+    args = argparse.Namespace(category=None, seeds=[0, 1], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
     grid.report(args)
     rows = pd.read_json(tmp_path / "grid_embedded.json")
     assert len(rows) == 2 * (8 * 2 + 1)  # two methods a loss cell, one a noise cell
@@ -55,6 +55,6 @@ def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
     def missing(name):
         raise SystemExit("no ref")
     monkeypatch.setattr(grid, "_exp_ref", missing)
-    args = argparse.Namespace(category=None, seeds=[0], out_dir=tmp_path, plot_dir=tmp_path)
+    args = argparse.Namespace(category=None, seeds=[0], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
     with pytest.raises(SystemExit, match="bench/grid.py run"):
         grid.report(args)
