@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from _common import ROOT, split_timing, torch_generator, write_timing
-from anodiff import checkpoint, data, io
+from _live import write_live
+from anodiff import checkpoint, data
 from anodiff.config import to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
@@ -45,9 +46,10 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     checkpoint.save_ddpm(ckpt_path, result.model, result.ema_model, result.optimizer, result.summary["steps"],
                          generator.get_state(), meta)
     name = stage if stage.startswith("train_") else f"train_{stage}"
-    io.write_csv(ROOT / f"plots/{stage}/loss.csv", result.history[["step", "epoch", "loss"]])
     quality, timing = split_timing(result.summary)
     summary = {k: round(v, 6) if isinstance(v, float) else v for k, v in quality.items()}
-    io.write_json(ROOT / f"metrics/{name}.json", {**summary, "n_train": len(rows), "n_anomalous": n_anomalous})
+    # plots/<stage>/{loss,epoch}.tsv, one row per optimiser step; the summary to metrics/
+    write_live(stage, {"": result.history[["step", "loss", "epoch"]]},
+               {**summary, "n_train": len(rows), "n_anomalous": n_anomalous}, ROOT / f"metrics/{name}.json")
     write_timing(stage, {**timing, "device": str(device)})
     print(f"{stage}: final loss {summary['final_loss']:.4f}, {timing['images_per_s']:.1f} images/s on {device}")

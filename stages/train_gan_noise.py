@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from _common import ROOT, run_stage, split_timing, torch_generator, write_timing
-from anodiff import anomaly, checkpoint, data, gan, io, select
+from _live import write_live
+from anodiff import anomaly, checkpoint, data, gan, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError, DataError
@@ -74,21 +75,21 @@ def main(params):
         "schedule": dict(meta["schedule"]), "image_size": size, "channels": channels,
         "n_anomalous": len(anomalous), "n_normal": len(normal),
     })
-    io.write_csv(ROOT / f"plots/{STAGE}/loss.csv",
-                 history[["step", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]])
     candidates = summary.pop("selection")
     quality, timing = split_timing(summary)
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in quality.items() if k != "ddpm_checksum"}
-    # one row per candidate evaluated on val; only the header when selection is off (eval_every 0)
+    # one row per candidate evaluated on val; none when selection is off (eval_every 0)
     table = pd.DataFrame(candidates, columns=SELECTION_COLUMNS)
-    io.write_csv(ROOT / f"plots/{STAGE}/selection.csv", table)
     if candidates:
         chosen = table[table.step == summary["selected_step"]].iloc[0]
         for prefix, row in (("val", chosen), ("start_val", table.iloc[0])):
             for key in ("map_criterion", "image_auroc", "pixel_auroc", "aupro"):
                 out[f"{prefix}_{key}"] = None if pd.isna(row[key]) else round(float(row[key]), 6)
         out["candidates"] = len(table)
-    io.write_json(ROOT / f"metrics/{STAGE}.json", {**out, "n_anomalous": len(anomalous), "n_normal": len(normal)})
+    # plots/train_gan_noise/<curve>.tsv per generator step, .../selection/<figure>.tsv per candidate
+    write_live(STAGE, {"": history[["step", "critic_loss", "wasserstein", "grad_norm", "gen_loss", "mse"]],
+                       "selection/": table},
+               {**out, "n_anomalous": len(anomalous), "n_normal": len(normal)}, ROOT / f"metrics/{STAGE}.json")
     write_timing(STAGE, {**timing, "device": str(device)})
     print(f"{STAGE}: wasserstein {summary['wasserstein']:.4f}, gen_loss {summary['gen_loss']:.4f}, "
           f"mse {summary['mse']:.5f}, {timing['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"

@@ -3,6 +3,8 @@
 - `dvc repro -f` with the same params gives an empty `dvc metrics diff`: the `metrics:` files hold
   quality figures only, timing goes to metrics/timing/ (not a DVC metric);
 - no library warning reaches the user;
+- a grid of two experiments queued and run with `dvc queue start -j 2` gives the same metrics as
+  the same two run one by one with `dvc exp run`;
 - `dvc exp run -S gan.lr=5e-5`: DVC writes `5e-05` into params.yaml and the stage reads it as a float.
 
 Tiny params (.ci/params-tiny.yaml: 32 px, one epoch; here also one noise level and one draw) keep
@@ -18,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +41,8 @@ TIMING_KEYS = {"seconds", "seconds_per_image", "images_per_s", "device"}
 TIMING_FILES = ("pretrain_ddpm", "train_robust_ddpm", "train_gan_noise", "infer_ddpm", "infer_rddpm", "infer_gan")
 
 
-def sh(*cmd, cwd, check=True):
-    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+def sh(*cmd, cwd, check=True, env=None):
+    res = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -117,6 +120,58 @@ def test_run_sh_repro_ends_with_the_summary(repo):
     summary = (d / "metrics/summary.md").read_text()
     assert res.stdout.rstrip().endswith(summary.rstrip())
     assert "Path" not in res.stdout  # `dvc metrics show`'s header
+
+
+def exp_results(d, names):
+    """{experiment name: (its metrics/train_gan_noise.json, its dvc.lock record of train_gan_noise's
+    non-timing outputs)}, read from the git commit of each experiment (refs/exps/.../<name>)."""
+    refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=d).stdout.split()
+    found = {}
+    for name in names:
+        (ref,) = [r for r in refs if r.rsplit("/", 1)[-1] == name]
+        lock = yaml.safe_load(sh("git", "show", f"{ref}:dvc.lock", cwd=d).stdout)["stages"]["train_gan_noise"]
+        outs = {o["path"]: o["md5"] for o in lock["outs"] if not o["path"].startswith("metrics/timing/")}
+        found[name] = (json.loads(sh("git", "show", f"{ref}:metrics/train_gan_noise.json", cwd=d).stdout), outs)
+    return found
+
+
+def test_queued_grid_gives_the_metrics_of_runs_one_by_one(repo):
+    """A grid of two experiments queued and run side by side (`ANODIFF_THREADS=1 dvc queue start -j 2`,
+    each in its own copy of the repository) gives exactly what the same two give run one by one with
+    `dvc exp run` in the workspace: the GAN's metrics, its curves and the generator's bytes (what
+    infer@gan and evaluate@gan compute from, deterministically: test_pipeline.py). The grid is on
+    `gan.lr` and runs to train_gan_noise only, to keep this test short. Leaves the workspace at an
+    experiment's results."""
+    d, _ = repo
+    threads = {"ANODIFF_THREADS": "1"}
+    grid = {"a": "gan.lr=0.0002", "b": "gan.lr=0.0004"}
+    for name, value in grid.items():
+        sh("dvc", "exp", "run", "--queue", "-n", f"queued-{name}", "-S", value, "train_gan_noise", cwd=d, env=threads)
+    sh("dvc", "queue", "start", "-j", "2", cwd=d, env=threads)
+    deadline, polls = time.monotonic() + 600, 0
+
+    def collected():  # git alone, cheap: the two jobs have the 2 cores to themselves
+        refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps", cwd=d).stdout.split()
+        return {r.rsplit("/", 1)[-1] for r in refs} >= {f"queued-{name}" for name in grid}
+
+    while not collected():
+        polls += 1
+        if polls % 15 == 0 or time.monotonic() > deadline:  # a failed task never gets its ref
+            status = sh("dvc", "queue", "status", cwd=d).stdout
+            if "Failed" in status or time.monotonic() > deadline:
+                logs = [sh("dvc", "queue", "logs", f"queued-{n}", cwd=d, check=False).stdout[-3000:] for n in grid]
+                raise AssertionError(status + "\n".join(logs))
+        time.sleep(1)
+    for name, value in grid.items():
+        sh("dvc", "exp", "run", "-n", f"one-{name}", "-S", value, "train_gan_noise", cwd=d, env=threads)
+    found = exp_results(d, [f"{kind}-{name}" for kind in ("queued", "one") for name in grid])
+    for name in grid:
+        (queued, queued_outs), (one, one_outs) = found[f"queued-{name}"], found[f"one-{name}"]
+        assert {"val_map_criterion", "gen_loss", "wasserstein"} <= set(one)
+        assert queued == one, name
+        assert set(one_outs) == {"data/models/gan_generator.pt", "plots/train_gan_noise", "metrics/train_gan_noise.json"}
+        assert queued_outs == one_outs, name
+    assert found["one-a"][0] != found["one-b"][0]  # the grid's two points differ
 
 
 def test_exp_run_with_a_small_float(repo):

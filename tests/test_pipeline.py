@@ -80,8 +80,8 @@ def test_every_method_writes_every_metrics_key(repo):
         for key in ("pixel_auroc", "aupro", "image_auroc"):
             assert result[key] is not None and 0.0 <= result[key] <= 1.0, (method, key)
     assert "| gan " in (repo / "metrics/summary.md").read_text()
-    for f in ("plots/ddpm/overlays.png", "plots/gan/roc.csv", "plots/pretrain_ddpm/loss.csv",
-              "plots/train_gan_noise/loss.csv", "metrics/train_robust_ddpm.json", "plots/prepare_samples.png"):
+    for f in ("plots/ddpm/overlays.png", "plots/gan/roc.csv", "plots/pretrain_ddpm/loss.tsv",
+              "plots/train_gan_noise/gen_loss.tsv", "metrics/train_robust_ddpm.json", "plots/prepare_samples.png"):
         assert (repo / f).stat().st_size > 0, f
 
 
@@ -98,6 +98,34 @@ def test_infer_records_the_calibration_chosen_on_val(repo):
         best = max(row["map_criterion"] for row in table.values())
         assert table[chosen["map_calibration"]]["map_criterion"] == best
         assert chosen["val_map_criterion"] == pytest.approx(best, abs=1e-6)
+
+
+def test_training_curves_are_dvclive_files(repo):
+    """Each training stage logs its curves with DVCLive (stages/_live.py): one `<metric>.tsv` per
+    metric under plots/<stage>/ (columns step and the metric, no timestamp), its summary to
+    metrics/train_<stage>.json with Live's `step`; no dvclive/ folder, dvc.yaml or report of its own."""
+    for stage in ("pretrain_ddpm", "train_robust_ddpm"):
+        summary = json.loads((repo / f"metrics/train_{stage.removeprefix('train_')}.json").read_text())
+        assert summary["step"] == summary["steps"] > 0 and {"final_loss", "n_train", "n_anomalous"} <= set(summary)
+        assert sorted(p.name for p in (repo / f"plots/{stage}").iterdir()) == ["epoch.tsv", "loss.tsv"]
+        lines = (repo / f"plots/{stage}/loss.tsv").read_text().splitlines()
+        assert lines[0] == "step\tloss" and len(lines) == 1 + summary["steps"]
+        assert [int(line.split("\t")[0]) for line in lines[1:]] == list(range(1, summary["steps"] + 1))
+        last_epoch = [float(v.split("\t")[1]) for v in lines[1:]]  # one epoch in the tiny profile
+        assert summary["final_loss"] == pytest.approx(sum(last_epoch) / len(last_epoch), abs=1e-6)
+    gan = repo / "plots/train_gan_noise"
+    assert {p.name for p in gan.glob("*.tsv")} == {"critic_loss.tsv", "wasserstein.tsv", "grad_norm.tsv",
+                                                   "gen_loss.tsv", "mse.tsv"}
+    summary = json.loads((repo / "metrics/train_gan_noise.json").read_text())
+    header = (gan / "selection/map_criterion.tsv").read_text().splitlines()
+    assert header[0] == "step\tmap_criterion" and len(header) == 1 + summary["candidates"]
+    assert (gan / "selection/map_calibration.tsv").is_file()  # the calibration each candidate chose
+    for f in repo.rglob("*"):
+        if ".dvc" in f.parts or ".git" in f.parts:
+            continue
+        assert f.name not in ("dvclive", "report.html", "report.md") and not (f.name == "dvc.yaml" and f.parent != repo), f
+        if f.suffix == ".tsv":
+            assert "timestamp" not in f.read_text().splitlines()[0], f
 
 
 def test_pipeline_is_clean_after_repro(repo):
@@ -121,11 +149,16 @@ def test_same_params_give_the_same_bytes(repo):
         return {name: [o["md5"] for o in st.get("outs", []) if o["path"].startswith("data/")]
                 for name, st in lock.items() if name in ("prepare", "pretrain_ddpm", "infer@ddpm")}
 
-    before = hashes()
+    def curves():  # DVCLive's files: no timestamp or anything else of the run's own
+        files = [*(repo / "plots/pretrain_ddpm").rglob("*"), repo / "metrics/train_pretrain_ddpm.json"]
+        return {f.relative_to(repo).as_posix(): f.read_bytes() for f in files if f.is_file()}
+
+    before, before_curves = hashes(), curves()
     sh("dvc", "repro", "-f", "-s", "prepare", cwd=repo)
     sh("dvc", "repro", "-f", "-s", "pretrain_ddpm", cwd=repo)
     sh("dvc", "repro", "-f", "-s", "infer@ddpm", cwd=repo)
     assert hashes() == before
+    assert curves() == before_curves
     sh("dvc", "repro", cwd=repo)  # evaluate@ddpm reads the new timing; settle before later tests
 
 
@@ -134,6 +167,7 @@ def test_gan_lr_reruns_only_the_gan_branch(repo):
     res = sh("dvc", "exp", "run", "-S", "gan.lr=0.0001", "-S", "gan.eval_every=0", cwd=repo)
     ran = set(re.findall(r"Running stage '([^']+)'", res.stdout + res.stderr))
     assert ran == {"train_gan_noise", "infer@gan", "evaluate@gan", "report"}
-    # model selection off: the selection table is there, a header with no candidates
-    assert (repo / "plots/train_gan_noise/selection.csv").read_text().startswith("step,map_criterion,image_auroc")
-    assert len((repo / "plots/train_gan_noise/selection.csv").read_text().splitlines()) == 1
+    # model selection off: no candidate, so no selection curve; the training curves are there
+    assert not (repo / "plots/train_gan_noise/selection").exists()
+    assert (repo / "plots/train_gan_noise/gen_loss.tsv").read_text().startswith("step\tgen_loss\n")
+    assert "candidates" not in json.loads((repo / "metrics/train_gan_noise.json").read_text())
