@@ -13,57 +13,26 @@ the whole file to a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "PYTHONHASHSEED": "0"}
+from tinyrepo import BIN, make, sh
+
 # the tiny profile shared with test_pipeline.py and CI (.ci/params-tiny.yaml), plus one noise level
 # and one draw: this file checks DVC's bookkeeping, not the maps
-_spec = importlib.util.spec_from_file_location("tiny_params", ROOT / ".ci" / "tiny_params.py")
-tiny_params = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_params)
 FASTER = {"infer": {"t_starts": [], "level_steps": [], "guidance": [], "n_seeds": 1}}
 TIMING_KEYS = {"seconds", "seconds_per_image", "images_per_s", "device"}
 TIMING_FILES = ("pretrain_ddpm", "train_robust_ddpm", "train_gan_noise", "infer_ddpm", "infer_rddpm", "infer_gan")
 
 
-def sh(*cmd, cwd, check=True, env=None):
-    res = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """The repository's tracked files with tiny params, reproduced once and committed."""
-    d = tmp_path_factory.mktemp("workflow")
-    listed = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split("\n")
-    for f in filter(None, listed):
-        if f == "dvc.lock" or f.startswith(("data/", "metrics/", "plots/", "bench/", ".venv")) \
-                or not (ROOT / f).is_file():
-            continue
-        (d / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, d / f)
-    params = tiny_params.merge(yaml.safe_load((d / "params.yaml").read_text()), tiny_params.load_profile())
-    (d / "params.yaml").write_text(tiny_params.dump(tiny_params.merge(params, FASTER)))
-    sh("git", "init", "-q", cwd=d)
-    sh("git", "add", "-A", cwd=d)
-    sh("git", "commit", "-qm", "tiny", cwd=d)
+    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",), extra=FASTER)
     res = sh("dvc", "repro", cwd=d)
     sh("git", "add", "-A", cwd=d)
     sh("git", "commit", "-qm", "repro", cwd=d)

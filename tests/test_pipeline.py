@@ -8,65 +8,26 @@ the same params give the same bytes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "PYTHONHASHSEED": "0"}
+# the tiny copy of the repository, its environment and the tiny profile, shared with
+# test_dvc_workflow.py; TINY_SCRIPT, PROFILE and merge are the CI workflow's (test_ci_workflow.py)
+from tinyrepo import ENV, PROFILE, ROOT, TINY_SCRIPT, make, sh, tiny_params  # noqa: F401
+
 # quality figures only: seconds_per_image is in metrics/timing/infer_<method>.json (test_dvc_workflow.py)
 KEYS = {"pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
         "n_test_images", "per_defect"}
-# The tiny profile is one file, shared with the CI workflow: .ci/params-tiny.yaml, merged into
-# params.yaml by .ci/tiny_params.py (tests/test_ci_workflow.py checks the workflow uses both).
-TINY_SCRIPT = ROOT / ".ci" / "tiny_params.py"
-PROFILE = ROOT / ".ci" / "params-tiny.yaml"
-
-
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location("tiny_params", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny_params = _load_script(TINY_SCRIPT)
 TINY = tiny_params.load_profile(PROFILE)
 merge = tiny_params.merge
 
 
-def sh(*cmd, cwd, check=True):
-    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeline")
-    listed = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split("\n")
-    for f in filter(None, listed):
-        if f == "dvc.lock" or f.startswith(("data/", "metrics/", "plots/", ".venv")) or not (ROOT / f).is_file():
-            continue
-        (d / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, d / f)
-    params = merge(yaml.safe_load((d / "params.yaml").read_text()), TINY)
-    (d / "params.yaml").write_text(tiny_params.dump(params))
-    sh("git", "init", "-q", cwd=d)
-    sh("git", "add", "-A", cwd=d)
-    sh("git", "commit", "-qm", "tiny", cwd=d)
+    d = make(tmp_path_factory.mktemp("pipeline"))
     sh("dvc", "repro", cwd=d)
     return d
 
