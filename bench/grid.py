@@ -52,12 +52,12 @@ NOISES = ("simplex",)  # Gaussian: the default cell
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 
 
-def cells(data: str, seeds: list[int], contamination=CONTAMINATION) -> list[dict]:
+def cells(data: str, seeds: list[int], contamination=CONTAMINATION, losses=LOSSES) -> list[dict]:
     """Every experiment of the grid: its name, its `-S` overrides, its targets and what it measures."""
     out = []
     for seed in seeds:
         for c in contamination:
-            for loss in LOSSES:
+            for loss in losses:
                 out.append({"name": f"grid-{data}-c{c:g}-{loss}-s{seed}", "seed": seed, "contamination": c,
                             "loss": loss, "noise": "gaussian",
                             "set": [f"data.contamination={c:g}", f"robust.loss={loss}", f"seed={seed}"],
@@ -99,7 +99,7 @@ def _wait(log, poll: float = 20.0) -> None:
 
 def run(args) -> None:
     data, data_sets = _data_args(args.category, args.data_dir)
-    grid = cells(data, args.seeds, args.contamination)
+    grid = cells(data, args.seeds, args.contamination, args.losses)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with open(args.log, "w") as log:
@@ -196,6 +196,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--contamination", nargs="+", type=float, default=list(CONTAMINATION),
                         help="data.contamination values of the loss grid")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
+                        help="robust.loss values of the loss grid (`run`; `report` reads whatever ran)")
     parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
     parser.add_argument("--threads", type=int, default=0,
                         help="ANODIFF_THREADS of each job; default: the cores over --jobs")
