@@ -37,10 +37,13 @@ case "$cmd" in
     # dvc needs a git repository with at least one commit for experiments; repro works either way
     dvc repro "$@"
     # the methods side by side (written by the report stage); `dvc metrics show` has them all
-    if [ -f metrics/summary.md ]; then
-      echo
-      cat metrics/summary.md
-    fi
+    # (speed first, then quality: what a person reads last is the comparison)
+    for f in metrics/timing/summary.md metrics/summary.md; do
+      if [ -f "$f" ]; then
+        echo
+        cat "$f"
+      fi
+    done
     ;;
   test)
     setup

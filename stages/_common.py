@@ -28,6 +28,7 @@ def run_stage(main, params_path: str | os.PathLike = "params.yaml") -> None:
     started = time.perf_counter()
     try:
         set_threads_from_env()
+        deterministic_cuda()
         params = load_params(params_path)
         main(params)
     except AnodiffError as exc:
@@ -40,21 +41,39 @@ def run_stage(main, params_path: str | os.PathLike = "params.yaml") -> None:
     print(f"{name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-def set_threads_from_env() -> int | None:
-    """`torch.set_num_threads(n)` for ANODIFF_THREADS=n (a positive integer); unset: torch's default.
+#: torch threads per stage when ANODIFF_THREADS is unset: fixed, not the machine's core count, so
+#: two machines run the same arithmetic by default (the thread count changes float32 sums' order)
+DEFAULT_THREADS = 2
 
-    For several jobs side by side (`dvc queue start --jobs N`, or runs in parallel), each with its share
-    of the cores. Returns n, or None when the variable is unset."""
+
+def set_threads_from_env() -> int:
+    """`torch.set_num_threads(n)` for ANODIFF_THREADS=n (a positive integer), DEFAULT_THREADS when unset.
+
+    More for a bigger CPU; fewer for several jobs side by side (`dvc queue start --jobs N`, or runs
+    in parallel), each with its share of the cores. Returns n (recorded in metrics/timing/)."""
     value = os.environ.get("ANODIFF_THREADS")
     if value is None:
-        return None
-    text = value.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ConfigError(f"ANODIFF_THREADS: {value!r} must be a positive integer (threads per stage), or unset")
+        n = DEFAULT_THREADS
+    else:
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ConfigError(f"ANODIFF_THREADS: {value!r} must be a positive integer (threads per stage), or unset")
+        n = int(text)
     import torch
 
-    torch.set_num_threads(int(text))
-    return int(text)
+    torch.set_num_threads(n)
+    return n
+
+
+def deterministic_cuda() -> None:
+    """On CUDA, ask for the same arithmetic each run: cuDNN's deterministic kernels, no autotuning
+    (which picks kernels by timing), and cuBLAS's fixed workspace (must be set before CUDA starts).
+    Nothing changes on CPU, where torch's kernels are deterministic at a fixed thread count."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 #: run-to-run figures: kept out of the `metrics:` files (see write_timing)
@@ -70,8 +89,12 @@ def split_timing(summary: dict) -> tuple[dict, dict]:
 def write_timing(stage: str, timing: dict) -> None:
     """metrics/timing/<stage>.json: how long a stage took and where. A plain `cache: false` out in
     dvc.yaml, not a `metrics:` file, so `dvc metrics diff` of two runs of the same params is empty."""
+    import torch
+
     from anodiff import io
 
+    # what makes two runs comparable bit for bit (README, "Same bytes where")
+    timing = {**timing, "threads": torch.get_num_threads(), "torch": torch.__version__}
     io.write_json(ROOT / f"metrics/timing/{stage}.json",
                   {k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()})
 

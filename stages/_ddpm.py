@@ -7,7 +7,7 @@ import torch
 
 from _common import ROOT, split_timing, torch_generator, write_timing
 from _live import write_live
-from anodiff import checkpoint, data
+from anodiff import checkpoint, data, resume
 from anodiff.config import to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
@@ -32,10 +32,14 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     generator = torch_generator(params.seed, offset=1)
     kw = noise_kwargs(cfg.noise, cfg)
     device = pick_device()
+    # killed, then rerun: go on from the last snapshot of this very run (same params, data, code)
+    used = {"seed": params.seed, "channels": params.data.channels, "ddpm": to_dict(cfg), "loss": loss,
+            "huber_delta": huber_delta, "lts_keep": lts_keep}
+    snaps = resume.for_stage(ROOT, stage, used, [PREPARED], device)
     result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
                         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
                         ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
-                        lts_keep=lts_keep, device=device, stage_name=stage)
+                        lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps)
     meta = {
         "stage": stage, "loss": loss, "huber_delta": huber_delta, "lts_keep": lts_keep,
         "noise": cfg.noise, "noise_kw": kw,
@@ -52,4 +56,5 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     write_live(stage, {"": result.history[["step", "loss", "epoch"]]},
                {**summary, "n_train": len(rows), "n_anomalous": n_anomalous}, ROOT / f"metrics/{name}.json")
     write_timing(stage, {**timing, "device": str(device)})
+    snaps.done()
     print(f"{stage}: final loss {summary['final_loss']:.4f}, {timing['images_per_s']:.1f} images/s on {device}")

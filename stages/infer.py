@@ -32,7 +32,9 @@ def main(params, method: str, model: str, noise_from: str) -> None:
     device = pick_device()
     settings = params.infer
     gen_path = noise_from if noise_from != model else None
-    det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device)
+    # the images are read with data.channels: a DDPM trained on the other count is refused here, by name
+    det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device,
+                        expect_arch={"in_channels": params.data.channels})
 
     rows = data.load_rows(PREPARED)
     rows = rows[rows["split"].isin(["val", "test"]) & (rows["augmented"] == 0)].reset_index(drop=True)

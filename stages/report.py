@@ -1,7 +1,8 @@
-"""report: one markdown table of every method side by side -> metrics/summary.md.
+"""report: every method side by side -> metrics/summary.md (quality), metrics/timing/summary.md (speed).
 
-The quality figures come from metrics/<method>.json; seconds_per_image (inference time) from
-metrics/timing/infer_<method>.json."""
+The quality figures come from metrics/<method>.json; the speed, from metrics/timing/<stage>.json.
+Two files, because the same params give the same quality bytes but never the same seconds: the
+quality table is reproducible to the byte (dvc.lock's hash of it too), the timing table is not."""
 
 from __future__ import annotations
 
@@ -14,40 +15,53 @@ from anodiff.errors import DataError
 METHODS = ("ddpm", "rddpm", "gan")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
         "n_test_images")
-TIMING = ("seconds_per_image",)
+#: the training stages a method's result needs (its inference is infer@<method>)
+TRAINING = {"ddpm": ("pretrain_ddpm",), "rddpm": ("train_robust_ddpm",), "gan": ("pretrain_ddpm", "train_gan_noise")}
 
 
-def table(results: dict[str, dict], timing: dict[str, dict] | None = None) -> pd.DataFrame:
-    """Rows = methods, columns = the metric keys, then the method's timing; per-defect rows
-    follow as method/defect (with the method's timing)."""
-    timing = timing or {}
-    rows = []
-    for method, res in results.items():
-        rows.append({"method": method, **{k: res.get(k) for k in KEYS},
-                     **{k: timing.get(method, {}).get(k) for k in TIMING}})
+def table(results: dict[str, dict]) -> pd.DataFrame:
+    """Rows = methods, columns = the metric keys; per-defect rows follow as method/defect."""
+    rows = [{"method": method, **{k: res.get(k) for k in KEYS}} for method, res in results.items()]
     for method, res in results.items():
         for defect, sub in sorted(res.get("per_defect", {}).items()):
-            rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS},
-                         **{k: timing.get(method, {}).get(k) for k in TIMING}})
+            rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS}})
     return pd.DataFrame(rows)
 
 
+def timing_table(timing: dict[str, dict]) -> pd.DataFrame:
+    """Rows = methods: the seconds of the training stages it needs, of its inference, per test image,
+    and the torch threads its inference ran with."""
+    rows = []
+    for method, stages in TRAINING.items():
+        infer = timing[f"infer_{method}"]
+        rows.append({"method": method, "training stages": " + ".join(stages),
+                     "training (s)": sum(timing[s].get("seconds", float("nan")) for s in stages),
+                     "inference (s)": infer.get("seconds"), "seconds_per_image": infer.get("seconds_per_image"),
+                     "threads": infer.get("threads")})
+    return pd.DataFrame(rows)
+
+
+def _read(path, stage: str) -> dict:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run `dvc repro {stage}` first")
+    return io.read_json(path)
+
+
 def main(params) -> None:
-    results, timing = {}, {}
-    for method in METHODS:
-        path = ROOT / f"metrics/{method}.json"
-        if not path.exists():
-            raise DataError(f"{path}: missing; run `dvc repro evaluate@{method}` first")
-        results[method] = io.read_json(path)
-        path = ROOT / f"metrics/timing/infer_{method}.json"
-        if not path.exists():
-            raise DataError(f"{path}: missing; run `dvc repro infer@{method}` first")
-        timing[method] = io.read_json(path)
-    frame = table(results, timing)
+    results = {m: _read(ROOT / f"metrics/{m}.json", f"evaluate@{m}") for m in METHODS}
+    names = sorted({s for stages in TRAINING.values() for s in stages} | {f"infer_{m}" for m in METHODS})
+    timing = {s: _read(ROOT / f"metrics/timing/{s}.json", s.replace("infer_", "infer@")) for s in names}
     text = ("# anodiff: all methods on the test split\n\n"
-            "Thresholds chosen on the validation split; `null` = undefined (no masks or one class).\n\n"
-            + frame.to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")
+            "Thresholds chosen on the validation split; `null` = undefined (no masks or one class).\n"
+            "Speed: metrics/timing/summary.md.\n\n"
+            + table(results).to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")
+    speed = ("# anodiff: what each method cost on this machine\n\n"
+             "Seconds of the training stages each method needs and of its inference (varies run to "
+             "run; each stage's figures: metrics/timing/<stage>.json).\n\n"
+             + timing_table(timing).to_markdown(index=False, floatfmt=".2f", missingval="null") + "\n")
+    io.write_text(ROOT / "metrics/timing/summary.md", speed)
     io.write_text(ROOT / "metrics/summary.md", text)
+    print(speed)
     print(text)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from _common import ROOT, run_stage, split_timing, torch_generator, write_timing
 from _live import write_live
-from anodiff import anomaly, checkpoint, data, gan, select
+from anodiff import anomaly, checkpoint, data, gan, resume, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError, DataError
@@ -61,13 +61,15 @@ def main(params):
     net = NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
     critic = Critic(channels, cfg.base_channels, spectral_norm=cfg.spectral_norm)
     evaluate = val_evaluator(params, ddpm, ckpt, net) if cfg.eval_every else None
+    used = {"seed": params.seed, "channels": channels, "gan": to_dict(cfg), "infer": to_dict(params.infer)}
+    snaps = resume.for_stage(ROOT, STAGE, used, [PREPARED, DDPM], device)
     history, summary = gan.train_gan(
         net, critic, ddpm, schedule, anomalous, normal, generator=torch_generator(params.seed, offset=2),
         device=device, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, n_critic=cfg.n_critic,
         gp_weight=cfg.gp_weight, mse_weight=cfg.mse_weight, t=cfg.t, denoise_steps=cfg.denoise_steps,
         grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE, lr_critic=cfg.lr_critic,
         ema_decay=cfg.ema_decay, evaluate=evaluate, eval_every=cfg.eval_every,
-        recompute=side >= 256)  # paper scale: recompute, not store, activations
+        recompute=side >= 256, snapshots=snaps)  # paper scale: recompute, not store, activations
 
     checkpoint.save_generator(OUT, net, {
         "stage": STAGE, "seed": params.seed, "gan": to_dict(cfg), "t": cfg.t, "denoise_steps": cfg.denoise_steps,
@@ -91,6 +93,7 @@ def main(params):
                        "selection/": table},
                {**out, "n_anomalous": len(anomalous), "n_normal": len(normal)}, ROOT / f"metrics/{STAGE}.json")
     write_timing(STAGE, {**timing, "device": str(device)})
+    snaps.done()
     print(f"{STAGE}: wasserstein {summary['wasserstein']:.4f}, gen_loss {summary['gen_loss']:.4f}, "
           f"mse {summary['mse']:.5f}, {timing['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"
           + (f" (val map {out['val_map_criterion']}, image AUROC {out['val_image_auroc']}; start "

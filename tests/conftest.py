@@ -49,3 +49,17 @@ def _merge(base: dict, over: dict) -> None:
 def infer_settings(**over):
     """infer.* from params.yaml with `over` changed (single-level plans by default: t_starts [])."""
     return repo_params(infer={"t_starts": [], "level_steps": [], "guidance": [], **over}).infer
+
+
+@pytest.fixture(scope="session")
+def workflow_repo(tmp_path_factory):
+    """(repository, log): the tracked files with the tiny params (plus one noise level and one draw:
+    DVC's bookkeeping, not the maps), `dvc repro` once and committed. Shared by test_dvc_workflow.py
+    and test_reliability.py's determinism check, which puts it back to that commit first."""
+    from tinyrepo import FASTER, make, sh
+
+    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",), extra=FASTER)
+    res = sh("dvc", "repro", cwd=d)
+    sh("git", "add", "-A", cwd=d)
+    sh("git", "commit", "-qm", "repro", cwd=d)
+    return d, res.stdout + res.stderr

@@ -108,6 +108,20 @@ def test_foreign_missing_or_incomplete_files_are_refused(tmp_path):
         checkpoint.load(other, UNet)
 
 
+def test_hand_made_dicts_and_other_files_are_refused(tmp_path):
+    other = tmp_path / "other.pt"
+    for key, value in (("arch", "UNet"), ("meta", [1])):  # weights-only loading lets these through
+        io.save_checkpoint(other, {"format": "anodiff.ddpm/1", "arch": ARCH, "ema": {}, key: value})
+        with pytest.raises(CheckpointError, match=re.escape(f"{other}: not an anodiff ddpm checkpoint "
+                                                            f"({key} is not a mapping)")):
+            checkpoint.load(other, UNet)
+    other.write_text("notes\n")
+    with pytest.raises(CheckpointError, match=re.escape(f"{other}: not a readable checkpoint (not a PyTorch file)")):
+        checkpoint.load(other, UNet)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: checkpoint cannot be read")):
+        checkpoint.load(tmp_path, UNet)
+
+
 def test_architecture_mismatch_names_the_file_the_keys_and_the_stage(tmp_path):
     path = tmp_path / "rddpm.pt"
     _save_ddpm(path, stage="train_robust_ddpm")

@@ -1,5 +1,6 @@
 """params.yaml is checked once: unknown keys, wrong types, out-of-range values name the key."""
 
+import re
 from pathlib import Path
 
 import pydantic
@@ -89,6 +90,17 @@ def test_out_of_range_is_named(raw, key):
         parse(raw)
 
 
+@pytest.mark.parametrize("raw, message", [
+    ({"data": {"source": ""}}, "data.source: '' is empty; allowed: a non-empty string"),
+    ({"data": {"marble_anomalous": ["crack", ""]}}, "data.marble_anomalous[1]: '' is empty"),
+    ({"ddpm": {"lr": float("nan")}}, "ddpm.lr: nan is not a finite number"),
+    ({"ddpm": {"channel_mults": []}}, "ddpm.channel_mults: [] must be a list of at least 1 entry"),
+])
+def test_empty_and_non_finite_values_are_named(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(f"params.yaml: {message}")):
+        parse(raw)
+
+
 def test_cross_field_checks_name_both_keys():
     with pytest.raises(ConfigError, match=r"infer\.t_start: 300 must be below ddpm\.timesteps \(300\)"):
         parse({"infer": {"t_start": 300}})
@@ -122,6 +134,19 @@ def test_load_params_file_errors(tmp_path):
         load_params(path)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+    path.write_text("seed: 0\ndata:\n  image_size: 32\n  image_size: 64\n")  # YAML itself keeps the last
+    duplicate = r"params\.yaml: not valid YAML at line 4, column 3: duplicate key 'image_size'"
+    with pytest.raises(ConfigError, match=duplicate):
+        load_params(path)
+    path.write_bytes(b"seed: \xff\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not a UTF-8 text file"):
+        load_params(path)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path))}: cannot be read"):
+        load_params(tmp_path)
+
+
+def test_yaml_merge_keys_may_override():
+    assert read_yaml("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n")["d"] == {"b": 3, "c": 2}
 
 
 def test_to_dict_round_trips():

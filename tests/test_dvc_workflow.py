@@ -1,7 +1,7 @@
 """What a user does with DVC, in a tiny temporary git repo (the approach of test_pipeline.py):
 
-- `dvc repro -f` with the same params gives an empty `dvc metrics diff`: the `metrics:` files hold
-  quality figures only, timing goes to metrics/timing/ (not a DVC metric);
+- the `metrics:` files hold quality figures only, timing goes to metrics/timing/ (not a DVC metric;
+  that `dvc repro -f` then gives an empty `dvc metrics diff` is test_reliability.py's determinism check);
 - no library warning reaches the user;
 - a grid of two experiments queued and run with `dvc queue start -j 2` gives the same metrics as
   the same two run one by one with `dvc exp run`;
@@ -20,23 +20,16 @@ import time
 import pytest
 import yaml
 
-from tinyrepo import BIN, make, sh
+from tinyrepo import BIN, sh
 
-# the tiny profile shared with test_pipeline.py and CI (.ci/params-tiny.yaml), plus one noise level
-# and one draw: this file checks DVC's bookkeeping, not the maps
-FASTER = {"infer": {"t_starts": [], "level_steps": [], "guidance": [], "n_seeds": 1}}
 TIMING_KEYS = {"seconds", "seconds_per_image", "images_per_s", "device"}
 TIMING_FILES = ("pretrain_ddpm", "train_robust_ddpm", "train_gan_noise", "infer_ddpm", "infer_rddpm", "infer_gan")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The repository's tracked files with tiny params, reproduced once and committed."""
-    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",), extra=FASTER)
-    res = sh("dvc", "repro", cwd=d)
-    sh("git", "add", "-A", cwd=d)
-    sh("git", "commit", "-qm", "repro", cwd=d)
-    return d, res.stdout + res.stderr
+@pytest.fixture
+def repo(workflow_repo):
+    """The repository's tracked files with tiny params, reproduced once and committed (conftest.py)."""
+    return workflow_repo
 
 
 def test_no_library_warning_reaches_the_user(repo):
@@ -60,18 +53,10 @@ def test_timing_is_out_of_the_metrics_files(repo):
 
     for path, data in files.items():
         assert not keys(data) & TIMING_KEYS, path
-    assert "seconds_per_image" in (d / "metrics/summary.md").read_text()  # the report still shows it
-
-
-def test_same_params_give_an_empty_metrics_diff(repo):
-    d, _ = repo
-    sh("dvc", "repro", "-f", cwd=d)
-    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=d).stdout or "{}")
-    changed = {path: {k: v for k, v in figures.items() if v.get("old") != v.get("new")}
-               for path, figures in diff.items()}
-    assert not any(changed.values()), changed
-    assert sh("dvc", "metrics", "diff", cwd=d).stdout.strip() == ""
-    sh("git", "checkout", "--", ".", cwd=d)  # the timing files differ; leave the repo as committed
+    # the report shows the speed beside, not inside, the quality table (which is then reproducible to the byte)
+    assert "seconds_per_image" not in (d / "metrics/summary.md").read_text()
+    speed = (d / "metrics/timing/summary.md").read_text()
+    assert "seconds_per_image" in speed and "pretrain_ddpm + train_gan_noise" in speed and "threads" in speed
 
 
 def test_run_sh_repro_ends_with_the_summary(repo):

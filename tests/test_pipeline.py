@@ -2,8 +2,8 @@
 
 Tiny params (.ci/params-tiny.yaml: 32 px, a UNet of width 8, one epoch) keep it to a minute or
 two on 2 CPU cores; the point is the wiring: every stage runs, every metrics key is written, the
-pipeline is clean afterwards, `gan.lr` reruns only the GAN branch, a typo'd key is refused, and
-the same params give the same bytes.
+pipeline is clean afterwards, `gan.lr` reruns only the GAN branch, a typo'd key is refused. That
+the same params give the same bytes is test_reliability.py's determinism check.
 """
 
 from __future__ import annotations
@@ -100,27 +100,11 @@ def test_typo_in_params_is_refused_naming_the_key(repo):
     # ... and when the key is forced in (`+key=`, or an edited params.yaml), prepare refuses it
     res = sh("dvc", "exp", "run", "-S", "+data.imagesize=64", cwd=repo, check=False)
     sh("git", "checkout", "params.yaml", cwd=repo)
+    # DVC removed prepare's outputs before the failing run: put them back (same bytes, so nothing downstream reruns)
+    again = sh("dvc", "repro", cwd=repo)
+    assert "Running stage 'prepare'" in again.stdout + again.stderr
     assert res.returncode != 0
     assert "error: params.yaml: data.imagesize: unknown key" in res.stdout + res.stderr
-
-
-def test_same_params_give_the_same_bytes(repo):
-    def hashes():
-        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        return {name: [o["md5"] for o in st.get("outs", []) if o["path"].startswith("data/")]
-                for name, st in lock.items() if name in ("prepare", "pretrain_ddpm", "infer@ddpm")}
-
-    def curves():  # DVCLive's files: no timestamp or anything else of the run's own
-        files = [*(repo / "plots/pretrain_ddpm").rglob("*"), repo / "metrics/train_pretrain_ddpm.json"]
-        return {f.relative_to(repo).as_posix(): f.read_bytes() for f in files if f.is_file()}
-
-    before, before_curves = hashes(), curves()
-    sh("dvc", "repro", "-f", "-s", "prepare", cwd=repo)
-    sh("dvc", "repro", "-f", "-s", "pretrain_ddpm", cwd=repo)
-    sh("dvc", "repro", "-f", "-s", "infer@ddpm", cwd=repo)
-    assert hashes() == before
-    assert curves() == before_curves
-    sh("dvc", "repro", cwd=repo)  # evaluate@ddpm reads the new timing; settle before later tests
 
 
 def test_gan_lr_reruns_only_the_gan_branch(repo):

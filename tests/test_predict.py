@@ -173,6 +173,26 @@ def test_checkpoint_channels_differ_from_statistics_are_fine(art, tmp_path):
     assert cli.main(_argv(art, art["single"], checkpoint=gray)) == 0
 
 
+def test_generator_of_other_channels_or_without_its_level(art, tmp_path, capsys):
+    from anodiff.checkpoint import save_generator
+    from anodiff.noisegen import NoiseGenerator
+
+    gen = tmp_path / "gan_generator.pt"
+    save_generator(gen, NoiseGenerator(1, base_channels=4, n_blocks=1), {"t": 5, "denoise_steps": 1})
+    line = _bad(art, capsys, _argv(art, art["single"], generator=gen), gen)
+    assert f"generator has 1 channels but the DDPM {art['ckpt']} has 3" in line
+    save_generator(gen, NoiseGenerator(3, base_channels=4, n_blocks=1), {"t": 5})
+    assert "no valid 't' and 'denoise_steps'" in _bad(art, capsys, _argv(art, art["single"], generator=gen), gen)
+
+
+def test_out_that_is_a_file_or_holds_an_input(art, tmp_path, capsys):
+    (tmp_path / "taken.csv").write_text("kept\n")
+    _bad(art, capsys, _argv(art, art["single"], out=tmp_path / "taken.csv"), "is a file")
+    assert (tmp_path / "taken.csv").read_text() == "kept\n"
+    _bad(art, capsys, _argv(art, art["folder"] / "a.png", out=tmp_path), f"would replace {art['folder'] / 'a.png'}")
+    _bad(art, capsys, _argv(art, art["single"], threshold="inf"), "--threshold: inf is not a finite number")
+
+
 def test_missing_maps(art, tmp_path, capsys):
     _bad(art, capsys, _argv(art, art["single"], maps=tmp_path / "nomaps"), tmp_path / "nomaps" / "meta.json")
 

@@ -1,4 +1,4 @@
-"""stages/_common.py: every stage imports its own checkout's anodiff, and ANODIFF_THREADS."""
+"""stages/_common.py: every stage imports its own checkout's anodiff, and ANODIFF_THREADS (default 2)."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def test_anodiff_threads_sets_torch_threads(monkeypatch, threads):
     assert _run(monkeypatch, " 2 ") == [("params", 2)]
 
 
-def test_unset_anodiff_threads_leaves_torch_default(monkeypatch, threads):
-    torch.set_num_threads(2)
-    assert _run(monkeypatch, None) == [("params", 2)]
+def test_unset_anodiff_threads_is_the_documented_default_not_the_core_count(monkeypatch, threads):
+    torch.set_num_threads(1)
+    assert _run(monkeypatch, None) == [("params", _common.DEFAULT_THREADS)] == [("params", 2)]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "", "1e2"])

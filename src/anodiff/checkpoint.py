@@ -9,6 +9,7 @@ module imports none: a change to the GAN's networks does not touch the DDPM stag
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,17 @@ KINDS = {
 
 
 def _cpu(state):
-    """`state` with every tensor detached and on the CPU, so the file loads anywhere."""
+    """`state` with every tensor detached and on the CPU, so the file loads anywhere, and every
+    string interned: pickle writes a string once per object, so a run resumed from a snapshot (its
+    optimiser's keys read back from disk) would otherwise give other bytes than an uninterrupted one."""
     if torch.is_tensor(state):
         return state.detach().cpu()
     if isinstance(state, dict):
-        return {k: _cpu(v) for k, v in state.items()}
+        return {_cpu(k): _cpu(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
         return type(state)(_cpu(v) for v in state)
+    if type(state) is str:
+        return sys.intern(state)
     return state
 
 
@@ -87,6 +92,9 @@ def load(path, cls: type[nn.Module], device="cpu", expect_arch: dict | None = No
     missing = [k for k in ("arch", spec.weights) if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not an anodiff {kind} checkpoint (no {' or '.join(missing)})")
+    for key in ("arch", "meta"):  # a hand-made dict passes weights-only loading with anything here
+        if not isinstance(ckpt.get(key, {}), dict):
+            raise CheckpointError(f"{path}: not an anodiff {kind} checkpoint ({key} is not a mapping)")
     arch, stage = ckpt["arch"], ckpt.get("meta", {}).get("stage", spec.stage)
     diff = [f"{k} {_plain(arch.get(k))!r} in the file, {_plain(v)!r} asked"
             for k, v in (expect_arch or {}).items() if _plain(arch.get(k)) != _plain(v)]

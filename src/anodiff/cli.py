@@ -11,6 +11,7 @@ overlay PNG per image and predictions.csv (path, score, anomalous at the chosen 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         else:
             raise DataError(f"{p}: no such file or folder")
     return files
+
+
+def check_out(out: Path, reads: list[Path]) -> None:
+    """--out is replaced whole: refuse a file, or a folder that is or holds something predict reads."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; predict writes a folder there (replaced whole)")
+    target = out.resolve()
+    for p in reads:
+        r = p.resolve()
+        if r == target or target in r.parents:
+            raise DataError(f"--out {out}: would replace {p}, which predict reads; choose another folder")
 
 
 def load_detector(args) -> tuple[Detector, dict]:
@@ -95,7 +107,11 @@ def load_detector(args) -> tuple[Detector, dict]:
 
 
 def predict(args) -> int:
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise DataError(f"--threshold: {args.threshold} is not a finite number")
     files = collect_inputs(args.inputs)
+    given = [args.maps or f"data/maps/{args.method}", args.checkpoint, args.generator, args.metrics]
+    check_out(Path(args.out), files + [Path(p) for p in args.inputs] + [Path(p) for p in given if p])
     det, thr = load_detector(args)
     images = []
     for f in files:  # read everything first: a bad image stops before anything is written

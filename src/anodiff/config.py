@@ -32,9 +32,9 @@ def Num(tp, lo=None, hi=None, lo_open=False, hi_open=False):
     return Annotated[tp, Field(**bounds)]
 
 
-def List(item):
-    """A YAML list, held as a tuple (frozen)."""
-    return Annotated[tuple[item, ...], Field(strict=False)]
+def List(item, min_length: int = 0):
+    """A YAML list, held as a tuple (frozen); at least `min_length` entries."""
+    return Annotated[tuple[item, ...], Field(strict=False, min_length=min_length)]
 
 
 def _not_bool(value):
@@ -87,7 +87,7 @@ class DDPM(Section):
     beta_start: Num(float, 0, 1, lo_open=True, hi_open=True)
     beta_end: Num(float, 0, 1, lo_open=True, hi_open=True)
     base_channels: Num(int, 1)
-    channel_mults: List(Num(int, 1))
+    channel_mults: List(Num(int, 1), min_length=1)  # one entry per resolution level
     num_res_blocks: Num(int, 1)
     attention_resolutions: List(Num(int, 1))
     epochs: Num(int, 1)
@@ -258,9 +258,14 @@ def _message(err: dict, raw: dict) -> str:
         return f"params.yaml: {key}: expected a mapping, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"params.yaml: {key}: {value!r} is out of range; allowed: {_describe(tp, with_range=True)}"
-    if kind == "too_short" and _strip(tp) is str:
-        return f"params.yaml: {key}: {value!r} is not {_describe(tp)}"
+    if kind == "string_too_short":
+        return f"params.yaml: {key}: {value!r} is empty; allowed: a non-empty string"
+    if kind == "finite_number":
+        return f"params.yaml: {key}: {value!r} is not a finite number"
     if kind in ("too_short", "too_long") and typing.get_origin(_strip(tp)) is tuple:
+        if typing.get_args(_strip(tp))[-1] is Ellipsis:  # a list of any length, with a minimum
+            n = err["ctx"]["min_length"]
+            return f"params.yaml: {key}: {value!r} must be a list of at least {n} entr{'y' if n == 1 else 'ies'}"
         return f"params.yaml: {key}: {value!r} must be {_describe(tp)}"
     return f"params.yaml: {key}: {value!r} is not {_describe(tp) if tp is not None else err['msg']}"
 
@@ -287,7 +292,25 @@ class ParamsLoader(yaml.SafeLoader):
     that `dvc exp run -S gan.lr=5e-5` writes (DVC's YAML is 1.2) would load as a string. Ints
     (`10`), booleans (`true`) and everything else resolve as before; this resolver only catches
     plain scalars that no YAML 1.1 resolver claimed.
+
+    A key given twice in one mapping is an error: plain YAML keeps the last value silently, so a
+    hand-edited `image_size: 32` above the original `image_size: 64` would be ignored.
     """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *alias` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 ParamsLoader.add_implicit_resolver(
@@ -304,11 +327,19 @@ def read_yaml(text: str):
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = read_yaml(path.read_text())
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the repository root)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        # PyYAML's message is several lines ("while parsing ...", marks); its problem and mark are one
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = problem or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
     return parse_params(raw)
 
 

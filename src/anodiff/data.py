@@ -4,7 +4,8 @@ manifest.csv) in prepare(), and manifest rows, images and masks read back for la
 Which file goes to which split is layouts.py's job; this module reads the files (through
 io.py), mixes in the contamination, adds augmented copies and writes the manifest.
 Bad input is collected over the whole source and raised as ONE DataError naming every
-offending file; with `data.skip_bad_files` unreadable files are skipped with a warning.
+offending file (one line when there is one, a line per file otherwise); with
+`data.skip_bad_files` unreadable files are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def _check(problems: list[Problem], root, skip: bool, warn) -> None:
         return
     problems = sorted(problems, key=lambda p: str(p.path))
     if not skip or any(not p.skippable for p in problems):
+        if len(problems) == 1:  # the usual case: one line naming the file
+            (p,) = problems
+            hint = " (data.skip_bad_files: true skips it with a warning)" if p.skippable else ""
+            raise DataError(f"{p}{hint}")
         hint = ""
         if all(p.skippable for p in problems):
             hint = "\n(data.skip_bad_files: true skips these files with a warning)"

@@ -35,12 +35,23 @@ class Detector:
     score_cal: anomaly.Calibration | None = None
 
     @classmethod
-    def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu") -> "Detector":
-        model, ckpt = checkpoint.load(ddpm_path, UNet, device=device)
+    def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu",
+             expect_arch: dict | None = None) -> "Detector":
+        """From checkpoint files; `expect_arch` (e.g. {"in_channels": data.channels}) is compared
+        with the DDPM's stored architecture, and a GAN generator must match the DDPM's channels."""
+        model, ckpt = checkpoint.load(ddpm_path, UNet, device=device, expect_arch=expect_arch)
         generator = None
         if generator_path is not None:
             net, gckpt = checkpoint.load(generator_path, NoiseGenerator, device=device)
-            generator = (net, int(gckpt["meta"]["t"]), int(gckpt["meta"]["denoise_steps"]))
+            if gckpt["arch"].get("channels") != ckpt["arch"].get("in_channels"):
+                raise CheckpointError(f"{generator_path}: generator has {gckpt['arch'].get('channels')} channels but "
+                                      f"the DDPM {ddpm_path} has {ckpt['arch'].get('in_channels')}; "
+                                      f"rerun `dvc repro train_gan_noise`")
+            meta = gckpt.get("meta", {})
+            if not all(type(meta.get(k)) is int and meta[k] >= 1 for k in ("t", "denoise_steps")):
+                raise CheckpointError(f"{generator_path}: generator checkpoint has no valid 't' and 'denoise_steps' "
+                                      f"in its meta; rerun `dvc repro train_gan_noise`")
+            generator = (net, meta["t"], meta["denoise_steps"])
         return cls.from_models(model, ckpt, settings, generator, where=ddpm_path)
 
     @classmethod
@@ -50,9 +61,15 @@ class Detector:
         meta = ckpt.get("meta", {})
         if "schedule" not in meta:
             raise CheckpointError(f"{where}: checkpoint has no schedule metadata; rerun its training stage")
+        try:
+            schedule = Schedule(**meta["schedule"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: checkpoint's schedule metadata {meta['schedule']!r} is not valid "
+                                  f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                                  "rerun its training stage") from None
         arch = ckpt["arch"]
         device = next(model.parameters()).device
-        det = cls(model=model, schedule=Schedule(**meta["schedule"]).to(device), settings=settings,
+        det = cls(model=model, schedule=schedule.to(device), settings=settings,
                   image_size=int(arch["image_size"]), channels=int(arch["in_channels"]),
                   noise_kind=meta.get("noise", "gaussian"), noise_kw=dict(meta.get("noise_kw", {})))
         if generator is not None:

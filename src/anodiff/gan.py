@@ -125,7 +125,7 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
               batch_size: int, epochs: int, n_critic: int, gp_weight: float, mse_weight: float, t: int,
               denoise_steps: int, grad_clip: float, crop: int, recompute: bool = False,
               lr_critic: float | None = None, ema_decay: float = 0.0, evaluate=None, eval_every: int = 0,
-              stage_name: str = "train_gan_noise", progress: bool = True):
+              stage_name: str = "train_gan_noise", progress: bool = True, snapshots=None):
     """Train G (`net`) and the critic against the frozen `ddpm` at step t; returns (history, summary).
 
     Stabilisers: `lr_critic` (default `lr`) gives the critic its own learning rate (two time-scale
@@ -145,7 +145,8 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     defect, which D sees as a mixture). Adam with betas (0.5, 0.9), gradient norms clipped; all
     randomness from `generator`. history: one row per generator step, critic columns averaged
     over its steps. A non-finite loss or gradient raises TrainingDiverged naming the step and
-    the losses. The DDPM's weights are checked bit-identical at the end.
+    the losses. The DDPM's weights are checked bit-identical at the end. `snapshots`
+    (resume.Snapshots): save the state at epochs' ends, and resume from it when it matches.
     """
     device = torch.device(device)
     net.to(device).train()
@@ -180,7 +181,20 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     per_epoch = math.ceil(n_a / bs)
     if crop and crop >= min(*anomalous.shape[-2:], *normal.shape[-2:]):
         crop = 0  # a crop as large as the image is the whole image (as in train_ddpm)
-    rows, step, started = [], 0, time.perf_counter()
+    rows, step, first_epoch, before = [], 0, 0, 0.0
+    state = snapshots.load() if snapshots is not None else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        critic.load_state_dict(state["critic"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["rng"])
+        rows, candidates[:] = state["rows"], state["candidates"]
+        kept.update(state["kept"])
+        step, first_epoch, before = state["step"], state["epoch"], state["seconds"]
+    started = time.perf_counter()
 
     def guard(what: str, value: float, **losses):
         if not math.isfinite(value):
@@ -192,11 +206,12 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
         x = images[idx]
         return (random_crop(x, crop, generator) if crop else x).to(device, non_blocking=True)
 
-    bar = tqdm(total=epochs * per_epoch, desc=stage_name, disable=not progress, leave=False)
+    bar = tqdm(total=epochs * per_epoch, initial=step, desc=stage_name, disable=not progress, leave=False)
     try:
-        epoch = 0
-        consider(0)
-        for epoch in range(epochs):
+        epoch = first_epoch
+        if state is None:
+            consider(0)
+        for epoch in range(first_epoch, epochs):
             perm = torch.randperm(n_a, generator=generator)
             for start in range(0, n_a, bs):
                 idx = perm[start:start + bs]
@@ -238,6 +253,12 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                 bar.set_postfix(W=f"{row['wasserstein']:.3f}", G=f"{row['gen_loss']:.3f}", mse=f"{row['mse']:.4f}")
                 if eval_every and step % eval_every == 0:
                     consider(step)
+            if snapshots is not None and epoch + 1 < epochs:
+                snapshots.maybe_save(lambda: {
+                    "net": net.state_dict(), "critic": critic.state_dict(), "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+                    "rng": generator.get_state(), "rows": rows, "candidates": candidates, "kept": kept,
+                    "step": step, "epoch": epoch + 1, "seconds": before + time.perf_counter() - started})
         consider(step)
     finally:
         bar.close()
@@ -250,7 +271,7 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
         net.load_state_dict(kept["state"])
     elif ema is not None:
         net.load_state_dict(ema.module.state_dict())
-    seconds = time.perf_counter() - started
+    seconds = before + time.perf_counter() - started
     if state_checksum(ddpm) != checksum:  # cannot happen unless a bug gives the DDPM an optimizer
         raise AssertionError(f"{stage_name}: the frozen DDPM's weights changed during GAN training")
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +27,32 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------- atomic writes
+def _remove_orphans(path: Path) -> None:
+    """Remove the temp files or folders of `path` left by a writer that was killed (SIGKILL skips
+    cleanup): `.<name>.<pid>.<random>.tmp` whose pid no longer runs."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: is it alive?
+        except ProcessLookupError:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temp file beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -46,7 +68,8 @@ def atomic_dir(path):
     """Yield a fresh temp folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
@@ -236,13 +259,25 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint is empty (0 bytes)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:  # a folder, no permission
+        raise CheckpointError(f"{path}: checkpoint cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a PyTorch file)")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would be a second line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Weights only load failed" in first:
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+        if "Weights only load failed" in text:
             # torch's advice here (retry with weights_only=False) would run pickled code from
             # a file that is, for anodiff, corrupt or foreign: say that instead
-            first = "corrupt, truncated, or not written by anodiff"
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            first = (f"refused: it asks to call {found[1]}, and anodiff checkpoints hold only tensors and plain "
+                     f"values; nothing in it was run" if found else "corrupt, truncated, or not written by anodiff")
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an anodiff checkpoint (no dict at top level)")

@@ -66,14 +66,16 @@ def random_crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch
 def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: torch.Generator, epochs: int,
                batch_size: int, lr: float, grad_clip: float, ema_decay: float, train_crop: int,
                noise_kw: dict | None = None, huber_delta: float = 1.0, lts_keep: float = 1.0, device=None,
-               stage_name: str = "train", progress: bool = True) -> TrainResult:
+               stage_name: str = "train", progress: bool = True, snapshots=None) -> TrainResult:
     """Train `model` (in place) to predict the `noise` ('gaussian' or 'simplex', with `noise_kw`)
     added to `images` (N, C, H, W) in [-1, 1], with Adam, clipped gradients and an EMA copy.
 
     train_crop > 0 trains on a random crop of that side per image (the UNet must then be fully
     convolutional, i.e. no attention, to run on whole images later). All randomness (shuffling,
     crops, t, noise) comes from the CPU `generator`, so a seed gives bit-identical weights on CPU.
-    Raises TrainingDiverged on a NaN/Inf loss; nothing is written to disk here.
+    Raises TrainingDiverged on a NaN/Inf loss. `snapshots` (resume.Snapshots) saves the state at
+    epochs' ends and, when its file matches, resumes from it: a killed run, rerun, ends with the
+    weights of an uninterrupted one. Without it nothing is written to disk here.
     """
     device = torch.device(device) if device is not None else pick_device()
     model.to(device).train()
@@ -90,11 +92,20 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
     if n == 0:
         raise ValueError(f"{stage_name}: no training images")
     steps_per_epoch = math.ceil(n / bs)  # the last batch may be smaller; it is still used
-    rows, last_finite, step = [], None, 0
+    rows, last_finite, step, first_epoch, before = [], None, 0, 0, 0.0
+    state = snapshots.load() if snapshots is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.model.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+        generator.set_state(state["rng"])
+        rows, last_finite = [tuple(r) for r in state["rows"]], state["last_finite"]
+        step, first_epoch, before = state["step"], state["epoch"], state["seconds"]
     started = time.perf_counter()
-    bar = tqdm(total=epochs * steps_per_epoch, desc=stage_name, disable=not progress,
+    bar = tqdm(total=epochs * steps_per_epoch, initial=step, desc=stage_name, disable=not progress,
                unit="step", dynamic_ncols=True)
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         order = torch.randperm(n, generator=generator)
         for first in range(0, n, bs):
             tick = time.perf_counter()
@@ -126,8 +137,13 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
             rows.append((step, epoch, loss_value, rate))
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
             bar.update()
+        if snapshots is not None and epoch + 1 < epochs:
+            snapshots.maybe_save(lambda: {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.model.state_dict(),
+                "ema_updates": ema.updates, "rng": generator.get_state(), "rows": rows, "last_finite": last_finite,
+                "step": step, "epoch": epoch + 1, "seconds": before + time.perf_counter() - started})
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds = before + time.perf_counter() - started
     history = pd.DataFrame(rows, columns=["step", "epoch", "loss", "images_per_s"])
     last_epoch = history[history.epoch == history.epoch.max()]
     summary = {"final_loss": float(last_epoch.loss.mean()), "seconds": seconds,
