@@ -194,8 +194,8 @@ def main(argv=None) -> None:
     parser.add_argument("--category", choices=CATEGORIES, default=None,
                         help="a real-photo category of bench/realphoto_data.py; default: the embedded marble")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--contamination", nargs="+", type=float, default=list(CONTAMINATION),
-                        help="data.contamination values of the loss grid")
+    parser.add_argument("--contamination", nargs="*", type=float, default=list(CONTAMINATION),
+                        help="data.contamination values of the loss grid (none: only the noise cells)")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
                         help="robust.loss values of the loss grid (`run`; `report` reads whatever ran)")
     parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
