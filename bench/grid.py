@@ -85,14 +85,21 @@ def _dvc(args: list[str], log) -> str:
     return proc.stdout
 
 
-def _wait(log, poll: float = 20.0) -> None:
-    """Until the queue has nothing queued or running; a failed task is an error."""
+def _failed(status: str, names: set[str]) -> list[str]:
+    """The experiments of `names` that `dvc queue status` lists as Failed (earlier runs' failures,
+    still listed by the queue, are not this grid's)."""
+    rows = [line.split() for line in status.splitlines() if line.strip()]
+    return [r[1] for r in rows if len(r) > 2 and r[1] in names and "Failed" in r]
+
+
+def _wait(log, names: set[str], poll: float = 20.0) -> None:
+    """Until the queue has nothing queued or running; a failed experiment of this grid is an error."""
     while True:
         status = _dvc(["dvc", "queue", "status"], log)
-        rows = [line for line in status.splitlines() if line.strip()]
-        if any(" Failed " in f" {r} " for r in rows):
-            raise SystemExit(f"error: a queued experiment failed; `dvc queue logs <name>` tells why ({log.name})")
-        if not any(word in r for r in rows for word in ("Queued", "Running")):
+        failed = _failed(status, names)
+        if failed:
+            raise SystemExit(f"error: {', '.join(failed)} failed; `dvc queue logs <name>` tells why ({log.name})")
+        if not any(word in line for line in status.splitlines() for word in ("Queued", "Running")):
             return
         time.sleep(poll)
 
@@ -108,7 +115,7 @@ def run(args) -> None:
             _dvc(["dvc", "exp", "run", "--queue", "-f", "-n", cell["name"], *sets, *cell["targets"]], log)
         os.environ["ANODIFF_THREADS"] = str(threads)  # the workers and their stages inherit it
         _dvc(["dvc", "queue", "start", "--jobs", str(args.jobs)], log)
-        _wait(log)
+        _wait(log, {cell["name"] for cell in grid})
     minutes = (time.perf_counter() - started) / 60
     print(f"{len(grid)} experiments in {minutes:.1f} min ({args.jobs} jobs, {threads} thread(s) each)")
     report(args, data=data)

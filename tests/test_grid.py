@@ -61,3 +61,11 @@ def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
     args = argparse.Namespace(category=None, seeds=[0], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
     with pytest.raises(SystemExit, match="bench/grid.py run"):
         grid.report(args)
+
+
+def test_only_this_grids_failures_count():
+    status = ("Task     Name                         Created       Status\n"
+              "4f8067d  grid-embedded-c0.1-huber-s0  Nov 28, 2026  Failed\n"
+              "530008c  grid-embedded-simplex-s0     01:21 AM      Success\n\nWorker status: 0 active, 0 idle\n")
+    assert grid._failed(status, {"grid-embedded-simplex-s0"}) == []  # yesterday's failure is not this run's
+    assert grid._failed(status, {"grid-embedded-c0.1-huber-s0"}) == ["grid-embedded-c0.1-huber-s0"]
