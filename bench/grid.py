@@ -37,6 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +53,7 @@ NOISES = ("simplex",)  # Gaussian: the default cell
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 
 
-def cells(data: str, seeds: list[int], contamination=CONTAMINATION, losses=LOSSES) -> list[dict]:
+def cells(data: str, seeds: list[int], contamination=CONTAMINATION, losses=LOSSES, noises=NOISES) -> list[dict]:
     """Every experiment of the grid: its name, its `-S` overrides, its targets and what it measures."""
     out = []
     for seed in seeds:
@@ -62,7 +63,7 @@ def cells(data: str, seeds: list[int], contamination=CONTAMINATION, losses=LOSSE
                             "loss": loss, "noise": "gaussian",
                             "set": [f"data.contamination={c:g}", f"robust.loss={loss}", f"seed={seed}"],
                             "targets": ["evaluate@ddpm", "evaluate@rddpm"], "methods": ["ddpm", "rddpm"]})
-        for noise in NOISES:
+        for noise in noises:
             out.append({"name": f"grid-{data}-{noise}-s{seed}", "seed": seed, "contamination": 0.1, "loss": "mse",
                         "noise": noise, "set": [f"ddpm.noise={noise}", f"seed={seed}"],
                         "targets": ["evaluate@ddpm"], "methods": ["ddpm"]})
@@ -106,7 +107,7 @@ def _wait(log, names: set[str], poll: float = 20.0) -> None:
 
 def run(args) -> None:
     data, data_sets = _data_args(args.category, args.data_dir)
-    grid = cells(data, args.seeds, args.contamination, args.losses)
+    grid = cells(data, args.seeds, args.contamination, args.losses, args.noises)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with open(args.log, "w") as log:
@@ -135,7 +136,32 @@ def collect(data: str, seeds: list[int], contamination=CONTAMINATION) -> pd.Data
                          "contamination": cell["contamination"], "loss": loss, "noise": cell["noise"],
                          **{k: m[k] for k in KEYS},
                          **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}})
+    rows += _committed_default(data, seeds, {r["experiment"] for r in rows})
     return pd.DataFrame(rows)
+
+
+def _committed_default(data: str, seeds: list[int], found: set[str]) -> list[dict]:
+    """The default cell (contamination 0.1, huber, Gaussian) of the embedded data is what `dvc repro`
+    with params.yaml committed at HEAD computed, when HEAD's params are exactly that cell for a seed
+    whose experiment did not run: the same params, so the same figures, without rerunning them."""
+    if data != "embedded":
+        return []
+    head = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return []
+    params = yaml.safe_load(head.stdout)
+    seed = params["seed"]
+    if (seed not in seeds or f"grid-embedded-c0.1-huber-s{seed}" in found or params["data"]["source"] != "synthetic"
+            or params["data"]["contamination"] != 0.1 or params["robust"]["loss"] != "huber"
+            or params["ddpm"]["noise"] != "gaussian"):
+        return []
+    rows = []
+    for method, loss in (("ddpm", "mse"), ("rddpm", "huber")):
+        m = _read_metrics("HEAD", method)
+        rows.append({"data": data, "experiment": "HEAD (dvc repro)", "seed": seed, "method": method,
+                     "contamination": 0.1, "loss": loss, "noise": "gaussian", **{k: m[k] for k in KEYS},
+                     **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}})
+    return rows
 
 
 def _summary(df: pd.DataFrame, by: list[str], keys=KEYS) -> pd.DataFrame:
@@ -181,7 +207,8 @@ def report(args, data: str | None = None) -> None:
     io.write_json(out / f"grid_{data}.json", df.to_dict(orient="records"))
     loss_rows = df[df["noise"] == "gaussian"].drop_duplicates(["seed", "contamination", "loss"])
     noise_rows = df[(df["method"] == "ddpm") & (df["contamination"] == 0.1)
-                    & ((df["noise"] != "gaussian") | (df["experiment"].str.contains("-huber-")))]
+                    & ((df["noise"] != "gaussian") | df["experiment"].str.contains("-huber-")
+                       | (df["experiment"] == "HEAD (dvc repro)"))]
     loss_tab = _summary(loss_rows, ["contamination", "loss"])
     families = [c for c in df.columns if c.startswith("pixel_auroc_")]  # per defect family
     noise_tab = _summary(noise_rows, ["noise"], KEYS + tuple(families))
@@ -205,6 +232,8 @@ def main(argv=None) -> None:
                         help="data.contamination values of the loss grid (none: only the noise cells)")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
                         help="robust.loss values of the loss grid (`run`; `report` reads whatever ran)")
+    parser.add_argument("--noises", nargs="*", choices=NOISES, default=list(NOISES),
+                        help="ddpm.noise cells besides the Gaussian default (`run`; none: only the loss grid)")
     parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
     parser.add_argument("--threads", type=int, default=0,
                         help="ANODIFF_THREADS of each job; default: the cores over --jobs")

@@ -26,6 +26,7 @@ def test_cells_cover_contamination_times_loss_and_simplex_for_every_seed():
     some = grid.cells("embedded", [0], [0.3], ["huber"])  # a part of the grid: --contamination 0.3 --losses huber
     assert [c["name"] for c in some] == ["grid-embedded-c0.3-huber-s0", "grid-embedded-simplex-s0"]
     assert [c["name"] for c in grid.cells("embedded", [0], [])] == ["grid-embedded-simplex-s0"]  # --contamination
+    assert [c["name"] for c in grid.cells("embedded", [0], [0.3], ["huber"], [])] == ["grid-embedded-c0.3-huber-s0"]
 
 
 def _fake_metrics(ref, method):
