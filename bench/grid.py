@@ -140,16 +140,17 @@ def collect(data: str, seeds: list[int], contamination=CONTAMINATION) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _committed_default(data: str, seeds: list[int], found: set[str]) -> list[dict]:
+def _committed_default(data: str, seeds: list[int], found: set[str], params: dict | None = None) -> list[dict]:
     """The default cell (contamination 0.1, huber, Gaussian) of the embedded data is what `dvc repro`
-    with params.yaml committed at HEAD computed, when HEAD's params are exactly that cell for a seed
-    whose experiment did not run: the same params, so the same figures, without rerunning them."""
+    with params.yaml committed at HEAD computed, when HEAD's params (`params`) are exactly that cell
+    for a seed whose experiment did not run: the same params, so the same figures, without a rerun."""
     if data != "embedded":
         return []
-    head = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode != 0:
-        return []
-    params = yaml.safe_load(head.stdout)
+    if params is None:
+        head = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode != 0:
+            return []
+        params = yaml.safe_load(head.stdout)
     seed = params["seed"]
     if (seed not in seeds or f"grid-embedded-c0.1-huber-s{seed}" in found or params["data"]["source"] != "synthetic"
             or params["data"]["contamination"] != 0.1 or params["robust"]["loss"] != "huber"

@@ -59,6 +59,7 @@ def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
     def missing(name):
         raise SystemExit("no ref")
     monkeypatch.setattr(grid, "_exp_ref", missing)
+    monkeypatch.setattr(grid, "_committed_default", lambda *a: [])  # nor a committed default run
     args = argparse.Namespace(category=None, seeds=[0], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
     with pytest.raises(SystemExit, match="bench/grid.py run"):
         grid.report(args)
@@ -70,3 +71,23 @@ def test_only_this_grids_failures_count():
               "530008c  grid-embedded-simplex-s0     01:21 AM      Success\n\nWorker status: 0 active, 0 idle\n")
     assert grid._failed(status, {"grid-embedded-simplex-s0"}) == []  # yesterday's failure is not this run's
     assert grid._failed(status, {"grid-embedded-c0.1-huber-s0"}) == ["grid-embedded-c0.1-huber-s0"]
+
+
+def test_the_committed_run_is_the_default_cell_only_when_its_params_are(monkeypatch):
+    import yaml
+
+    read = []
+    monkeypatch.setattr(grid, "_read_metrics", lambda ref, method: read.append(ref) or _fake_metrics("x-s1", method))
+    params = yaml.safe_load((Path(grid.ROOT) / "params.yaml").read_text())
+    params.update(seed=1)
+    params["data"].update(source="synthetic", contamination=0.1)
+    params["robust"]["loss"], params["ddpm"]["noise"] = "huber", "gaussian"
+    rows = grid._committed_default("embedded", [0, 1], set(), params)
+    assert [(r["method"], r["loss"], r["seed"], r["experiment"]) for r in rows] == \
+        [("ddpm", "mse", 1, "HEAD (dvc repro)"), ("rddpm", "huber", 1, "HEAD (dvc repro)")]
+    assert read == ["HEAD", "HEAD"]  # the committed metrics/<method>.json
+    assert grid._committed_default("embedded", [0, 1], {"grid-embedded-c0.1-huber-s1"}, params) == []  # it ran
+    assert grid._committed_default("embedded", [0], set(), params) == []  # another seed
+    assert grid._committed_default("moon", [1], set(), params) == []  # another data set
+    params["robust"]["loss"] = "lts"
+    assert grid._committed_default("embedded", [1], set(), params) == []  # not the default cell
