@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import io  # noqa: E402
+from anodiff.data import contamination_count  # noqa: E402
 from realphoto import _env, _exp_ref, _read_metrics  # noqa: E402
 from realphoto_data import CATEGORIES, build_category  # noqa: E402
 
@@ -61,13 +62,25 @@ def cells(data: str, seeds: list[int], contamination=CONTAMINATION, losses=LOSSE
             for loss in losses:
                 out.append({"name": f"grid-{data}-c{c:g}-{loss}-s{seed}", "seed": seed, "contamination": c,
                             "loss": loss, "noise": "gaussian",
-                            "set": [f"data.contamination={c:g}", f"robust.loss={loss}", f"seed={seed}"],
+                            "set": [f"data.contamination={c:g}", f"robust.loss={loss}", f"seed={seed}",
+                                    *_enough_anomalous(data, c)],
                             "targets": ["evaluate@ddpm", "evaluate@rddpm"], "methods": ["ddpm", "rddpm"]})
         for noise in noises:
             out.append({"name": f"grid-{data}-{noise}-s{seed}", "seed": seed, "contamination": 0.1, "loss": "mse",
                         "noise": noise, "set": [f"ddpm.noise={noise}", f"seed={seed}"],
                         "targets": ["evaluate@ddpm"], "methods": ["ddpm"]})
     return out
+
+
+def _enough_anomalous(data: str, c: float) -> list[str]:
+    """The embedded set has synth.n_train_anomalous anomalous training slabs; a contamination that
+    needs more gets `synth.n_train_anomalous=<what it needs>`. The other slabs do not change with
+    the counts (synth.py), so val and test stay the same images."""
+    if data != "embedded":
+        return []
+    synth = yaml.safe_load((ROOT / "params.yaml").read_text())["synth"]
+    need = contamination_count(synth["n_train_normal"], c)
+    return [f"synth.n_train_anomalous={need}"] if need > synth["n_train_anomalous"] else []
 
 
 def _data_args(category: str | None, data_dir: Path) -> tuple[str, list[str]]:

@@ -19,7 +19,10 @@ def test_cells_cover_contamination_times_loss_and_simplex_for_every_seed():
     assert len(cells) == 2 * (len(grid.CONTAMINATION) * len(grid.LOSSES) + len(grid.NOISES))
     assert len({c["name"] for c in cells}) == len(cells)  # every name once: each is its own experiment
     lts = next(c for c in cells if c["name"] == "grid-embedded-c0.3-lts-s1")
-    assert lts["set"] == ["data.contamination=0.3", "robust.loss=lts", "seed=1"]
+    # 0.3 of 160 normal slabs needs 69 anomalous ones, more than params.yaml's 48: the cell asks for them
+    assert lts["set"] == ["data.contamination=0.3", "robust.loss=lts", "seed=1", "synth.n_train_anomalous=69"]
+    c01 = next(c for c in cells if c["name"] == "grid-embedded-c0.1-huber-s0")
+    assert c01["set"] == ["data.contamination=0.1", "robust.loss=huber", "seed=0"]  # the default data
     assert lts["targets"] == ["evaluate@ddpm", "evaluate@rddpm"]  # ddpm: the MSE baseline, same data
     simplex = next(c for c in cells if c["name"] == "grid-embedded-simplex-s0")
     assert simplex["set"] == ["ddpm.noise=simplex", "seed=0"] and simplex["methods"] == ["ddpm"]
