@@ -99,18 +99,23 @@ def _dvc(args: list[str], log) -> str:
     return proc.stdout
 
 
-def _failed(status: str, names: set[str]) -> list[str]:
-    """The experiments of `names` that `dvc queue status` lists as Failed (earlier runs' failures,
-    still listed by the queue, are not this grid's)."""
+def _tasks(status: str) -> set[str]:
+    """The task ids `dvc queue status` lists (first column)."""
+    return {line.split()[0] for line in status.splitlines()[1:] if len(line.split()) > 2}
+
+
+def _failed(status: str, names: set[str], old: set[str] = frozenset()) -> list[str]:
+    """The experiments of `names` that `dvc queue status` lists as Failed, tasks in `old` aside: the
+    queue keeps listing earlier runs' tasks, a failed earlier try of the same name among them."""
     rows = [line.split() for line in status.splitlines() if line.strip()]
-    return [r[1] for r in rows if len(r) > 2 and r[1] in names and "Failed" in r]
+    return [r[1] for r in rows if len(r) > 2 and r[1] in names and r[0] not in old and "Failed" in r]
 
 
-def _wait(log, names: set[str], poll: float = 20.0) -> None:
+def _wait(log, names: set[str], old: set[str], poll: float = 20.0) -> None:
     """Until the queue has nothing queued or running; a failed experiment of this grid is an error."""
     while True:
         status = _dvc(["dvc", "queue", "status"], log)
-        failed = _failed(status, names)
+        failed = _failed(status, names, old)
         if failed:
             raise SystemExit(f"error: {', '.join(failed)} failed; `dvc queue logs <name>` tells why ({log.name})")
         if not any(word in line for line in status.splitlines() for word in ("Queued", "Running")):
@@ -124,12 +129,13 @@ def run(args) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with open(args.log, "w") as log:
+        old = _tasks(_dvc(["dvc", "queue", "status"], log))  # earlier runs' tasks, still listed
         for cell in grid:
             sets = [s for kv in data_sets + cell["set"] for s in ("-S", kv)]
             _dvc(["dvc", "exp", "run", "--queue", "-f", "-n", cell["name"], *sets, *cell["targets"]], log)
         os.environ["ANODIFF_THREADS"] = str(threads)  # the workers and their stages inherit it
         _dvc(["dvc", "queue", "start", "--jobs", str(args.jobs)], log)
-        _wait(log, {cell["name"] for cell in grid})
+        _wait(log, {cell["name"] for cell in grid}, old)
     minutes = (time.perf_counter() - started) / 60
     print(f"{len(grid)} experiments in {minutes:.1f} min ({args.jobs} jobs, {threads} thread(s) each)")
     report(args, data=data)

@@ -74,6 +74,10 @@ def test_only_this_grids_failures_count():
               "530008c  grid-embedded-simplex-s0     01:21 AM      Success\n\nWorker status: 0 active, 0 idle\n")
     assert grid._failed(status, {"grid-embedded-simplex-s0"}) == []  # yesterday's failure is not this run's
     assert grid._failed(status, {"grid-embedded-c0.1-huber-s0"}) == ["grid-embedded-c0.1-huber-s0"]
+    # the same name failed in an earlier try and succeeded in this one: only this try's task counts
+    again = status.replace("Nov 28, 2026  Failed", "Nov 28, 2026  Failed\n9a8b7c6  grid-embedded-c0.1-huber-s0  02:00 AM      Success")
+    assert grid._tasks(again) == {"4f8067d", "530008c", "9a8b7c6"}
+    assert grid._failed(again, {"grid-embedded-c0.1-huber-s0"}, old={"4f8067d", "530008c"}) == []
 
 
 def test_the_committed_run_is_the_default_cell_only_when_its_params_are(monkeypatch):
