@@ -101,7 +101,8 @@ def _dvc(args: list[str], log) -> str:
 
 def _tasks(status: str) -> set[str]:
     """The task ids `dvc queue status` lists (first column)."""
-    return {line.split()[0] for line in status.splitlines()[1:] if len(line.split()) > 2}
+    states = ("Queued", "Running", "Success", "Failed")
+    return {line.split()[0] for line in status.splitlines() if line.split() and line.split()[-1] in states}
 
 
 def _failed(status: str, names: set[str], old: set[str] = frozenset()) -> list[str]:
