@@ -152,10 +152,8 @@ def collect(data: str, seeds: list[int], contamination=CONTAMINATION) -> pd.Data
         for method in cell["methods"]:
             m = _read_metrics(ref, method)
             loss = "mse" if method == "ddpm" else cell["loss"]
-            rows.append({"data": data, "experiment": cell["name"], "seed": cell["seed"], "method": method,
-                         "contamination": cell["contamination"], "loss": loss, "noise": cell["noise"],
-                         **{k: m[k] for k in KEYS},
-                         **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}})
+            rows.append(_row(m, data=data, experiment=cell["name"], seed=cell["seed"], method=method,
+                             contamination=cell["contamination"], loss=loss, noise=cell["noise"]))
     rows += _committed_default(data, seeds, {r["experiment"] for r in rows})
     return pd.DataFrame(rows)
 
@@ -179,10 +177,15 @@ def _committed_default(data: str, seeds: list[int], found: set[str], params: dic
     rows = []
     for method, loss in (("ddpm", "mse"), ("rddpm", "huber")):
         m = _read_metrics("HEAD", method)
-        rows.append({"data": data, "experiment": "HEAD (dvc repro)", "seed": seed, "method": method,
-                     "contamination": 0.1, "loss": loss, "noise": "gaussian", **{k: m[k] for k in KEYS},
-                     **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}})
+        rows.append(_row(m, data=data, experiment="HEAD (dvc repro)", seed=seed, method=method,
+                         contamination=0.1, loss=loss, noise="gaussian"))
     return rows
+
+
+def _row(m: dict, **cell) -> dict:
+    """One table row: what the cell is, then a method's test figures `m` (per defect family too)."""
+    return {**cell, **{k: m[k] for k in KEYS},
+            **{f"pixel_auroc_{d}": v.get("pixel_auroc") for d, v in m.get("per_defect", {}).items()}}
 
 
 def _summary(df: pd.DataFrame, by: list[str], keys=KEYS) -> pd.DataFrame:
