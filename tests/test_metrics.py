@@ -374,6 +374,28 @@ def test_curves_equal_scikit_learn_bit_for_bit():
     assert M.image_ap(scores, labels) == average_precision_score(labels, scores)
 
 
+def test_float32_maps_are_not_copied_and_give_the_float64_figures_and_tables():
+    # evaluation keeps float32 maps as they are (half the memory at 256 px): every float32 is a
+    # float64 exactly, so every figure, threshold and curve point must be the same
+    rng = np.random.default_rng(10)
+    masks = _blob_masks(rng, n=8, size=20)
+    maps32 = np.round(masks + rng.normal(0, 0.6, masks.shape), 2).astype(np.float32)  # ties too
+    maps64 = maps32.astype(np.float64)
+    labels = masks.any(axis=(1, 2)).astype(int)
+    labels[0] = 0
+    defects = np.where(labels == 1, np.array(["a", "b"])[np.arange(8) % 2], "good")
+    scores = maps64.max(axis=(1, 2))
+    assert M._maps(maps32).dtype == np.float32 and np.shares_memory(M._maps(maps32), maps32)
+    thr = M.choose_threshold(maps64, masks)
+    assert M.choose_threshold(maps32, masks) == thr
+    assert M.evaluate(maps32, masks, scores, labels, defects, thr) == M.evaluate(maps64, masks, scores, labels,
+                                                                                 defects, thr)
+    for table in (M.roc_curve_table, M.pr_curve_table):
+        pd.testing.assert_frame_equal(table(maps32, masks), table(maps64, masks))
+    for a, b in zip(M.pro_curve(maps32, masks), M.pro_curve(maps64, masks)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_evaluate_per_defect_equals_metrics_on_the_subset():
     # per_defect entries reuse the full test set's sort: same values as sorting the subset
     rng = np.random.default_rng(9)

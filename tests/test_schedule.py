@@ -197,3 +197,28 @@ def test_guided_denoise_pulls_toward_the_input(sched):
 
     errs = [(sched.denoise(oracle, x_t, 100, 5, guide=y, guidance=w) - y).abs().mean() for w in (0.0, 2.0, 5.0)]
     assert errs[0] > errs[1] > errs[2]
+
+
+def test_ancestral_chain_takes_every_step_and_an_oracle_ends_at_x0(sched):
+    """AnoDDPM's full chain: t_start + 1 model calls, t_start down to 0; with a model that knows x0 the
+    posterior mean at t=0 is x0 whatever noise was drawn on the way; the noise comes from the generator."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.rand(2, 1, 8, 8, generator=g) * 1.8 - 0.9
+    x_t = sched.add_noise(x0, torch.randn(2, 1, 8, 8, generator=g), 20)
+    calls = []
+
+    def oracle(x, t):
+        calls.append(int(t[0]))
+        return sched.predict_eps(x, x0, t)
+
+    out = sched.ancestral(oracle, x_t, 20, torch.Generator().manual_seed(1))
+    assert calls == list(range(20, -1, -1))
+    assert torch.allclose(out, x0, atol=1e-4)
+
+    def zero(x, t):
+        return torch.zeros_like(x)
+
+    a, b, c = (sched.ancestral(zero, x_t, 20, torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeded, and the chain does sample
+    with pytest.raises(ValueError, match="t_start"):
+        sched.ancestral(zero, x_t, sched.timesteps, torch.Generator())

@@ -19,11 +19,15 @@ ERRORS = ("abs", "sq")
 
 
 def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start: int, steps: int,
-                guidance: float = 0.0) -> torch.Tensor:
+                guidance: float = 0.0, ancestral: torch.Generator | None = None) -> torch.Tensor:
     """Noise x0 to step t_start with the given noise, then denoise back in `steps` DDIM steps,
-    conditioned on x0 with weight `guidance` (0: unconditioned; see Schedule.denoise)."""
+    conditioned on x0 with weight `guidance` (0: unconditioned; see Schedule.denoise).
+    `ancestral`, a CPU generator: AnoDDPM's full ancestral chain instead (t_start + 1 steps,
+    `steps` ignored; Schedule.ancestral), the slow reference the benchmark compares with."""
     t = torch.full((x0.shape[0],), t_start, dtype=torch.long, device=x0.device)
     x_t = schedule.add_noise(x0, noise, t)
+    if ancestral is not None:
+        return schedule.ancestral(model, x_t, t_start, ancestral, guide=x0, guidance=guidance)
     return schedule.denoise(model, x_t, t_start, steps, guide=x0, guidance=guidance)
 
 

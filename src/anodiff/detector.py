@@ -33,6 +33,7 @@ class Detector:
     fixed_t: tuple[int, int] | None = None  # (t, steps) the GAN generator was trained for; unguided
     map_cal: anomaly.Calibration | None = None  # fitted by calibrate(), or restored by set_stats_arrays()
     score_cal: anomaly.Calibration | None = None
+    full_chain: bool = False  # AnoDDPM's full ancestral chain instead of DDIM steps (bench/bench.py's reference)
 
     @classmethod
     def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu",
@@ -135,7 +136,7 @@ class Detector:
             first = None
             for t, steps, guidance in plan:
                 x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator, t), t, steps,
-                                            guidance=guidance)
+                                            guidance=guidance, ancestral=generator if self.full_chain else None)
                 i = levels.index(t)
                 acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error)
                 count[i] += 1

@@ -67,8 +67,11 @@ def _stack(x: np.ndarray) -> np.ndarray:
 
 
 def _maps(maps) -> np.ndarray:
-    """Anomaly maps as float64 (N, H, W)."""
-    a = _stack(np.asarray(maps, dtype=np.float64))
+    """Anomaly maps as (N, H, W) float32 when they are float32 (no copy: every float32 is a float64
+    exactly, so sorts, counts and thresholds are the same; half the memory of 500 maps at 256 px),
+    float64 otherwise."""
+    a = np.asarray(maps)
+    a = _stack(a if a.dtype == np.float32 else a.astype(np.float64))
     if a.ndim != 3:
         raise ValueError(f"anomaly maps must have shape (N, H, W), got {a.shape}")
     if not np.all(np.isfinite(a)):

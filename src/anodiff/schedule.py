@@ -143,8 +143,32 @@ class Schedule:
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             eps = checkpoint(model, x, t_batch, use_reentrant=False) if recompute else model(x, t_batch)
-            if guide is not None and guidance > 0:
-                y_t = self.add_noise(guide, eps, t)
-                eps = eps - guidance * self._at(self.sqrt_one_minus_alpha_bar, t, x) * (y_t - x)
-            x = self.ddim_step(x, eps, t, t_prev, clip=clip)
+            x = self.ddim_step(x, self._guided(eps, x, t, guide, guidance), t, t_prev, clip=clip)
+        return x
+
+    def _guided(self, eps, x_t, t: int, guide, guidance: float):
+        """DDAD's conditioning of the model's eps on the input `guide` (see denoise); eps unchanged without it."""
+        if guide is None or guidance <= 0:
+            return eps
+        y_t = self.add_noise(guide, eps, t)
+        return eps - guidance * self._at(self.sqrt_one_minus_alpha_bar, t, x_t) * (y_t - x_t)
+
+    def ancestral(self, model, x_t, t_start: int, generator: torch.Generator, clip: bool = True,
+                  guide: torch.Tensor | None = None, guidance: float = 0.0):
+        """AnoDDPM's sampler: the full ancestral DDPM chain from x_t at t_start down to a clean image,
+        t_start + 1 model calls, each step sampling the posterior with fresh Gaussian noise drawn
+        from the CPU `generator` (none at the last step). Guidance as in `denoise`. The reference
+        that `denoise`'s few DDIM steps are measured against (bench/bench.py)."""
+        if not 0 <= t_start < self.timesteps:
+            raise ValueError(f"t_start must be in [0, {self.timesteps}), got {t_start}")
+        x = x_t
+        for t in range(t_start, -1, -1):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            eps = self._guided(model(x, t_batch), x, t, guide, guidance)
+            x0 = self.predict_x0(x, eps, t)
+            mean, var = self.posterior(x0.clamp(-1, 1) if clip else x0, x, t)
+            if t > 0:
+                z = torch.randn(tuple(x.shape), generator=generator).to(device=x.device, dtype=x.dtype)
+                mean = mean + var.sqrt() * z
+            x = mean
         return x

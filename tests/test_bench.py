@@ -1,0 +1,28 @@
+"""bench/bench.py's pieces that run in seconds: the evaluation-memory probe and the goals' verdicts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_evaluate_memory_probe_reports_its_own_peak():
+    done = subprocess.run([sys.executable, str(ROOT / "bench/evaluate_memory.py"), "10", "32"],
+                          capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["evaluate_inputs_mb"] > 0
+    assert out["evaluate_peak_mb"] >= out["evaluate_rss_before_mb"] > 0
+
+
+def test_verdicts_compare_each_figure_with_its_goal():
+    import bench
+
+    out = bench.verdicts({"repro_seconds": 301, "peak_rss_mb": 900.0, "infer_speedup_vs_full_chain": 35.0,
+                          "auroc_delta_vs_full_chain": -0.02, "simplex_cost_fraction": 0.05})
+    assert out["repro_seconds"]["met"] is False and out["peak_rss_mb"]["met"] is True
+    assert out["infer_speedup_vs_full_chain"]["met"] is True
+    assert out["abs_auroc_delta_vs_full_chain"]["met"] is False  # |-0.02| > 0.01
+    assert "evaluate_peak_mb" not in out  # not measured: no verdict
