@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def test_evaluate_memory_probe_reports_its_own_peak():
-    done = subprocess.run([sys.executable, str(ROOT / "bench/evaluate_memory.py"), "10", "32"],
+    done = subprocess.run([sys.executable, str(ROOT / "bench/evaluate_memory.py"), "20", "64"],
                           capture_output=True, text=True, check=True)
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["evaluate_inputs_mb"] > 0
