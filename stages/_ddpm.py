@@ -7,7 +7,7 @@ import torch
 
 from _common import ROOT, split_timing, torch_generator, write_timing
 from _live import write_live
-from anodiff import checkpoint, data, resume
+from anodiff import checkpoint, data, distributed, resume
 from anodiff.config import to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
@@ -35,11 +35,18 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     # killed, then rerun: go on from the last snapshot of this very run (same params, data, code)
     used = {"seed": params.seed, "channels": params.data.channels, "ddpm": to_dict(cfg), "loss": loss,
             "huber_delta": huber_delta, "lts_keep": lts_keep}
-    snaps = resume.for_stage(ROOT, stage, used, [PREPARED], device)
+    rank, ranks = distributed.world()
+    if ranks > 1:  # under torchrun: a snapshot is of this many ranks, and every rank reads rank 0's
+        used, where = {**used, "ranks": ranks}, device.type
+    else:
+        where = device
+    snaps = resume.for_stage(ROOT, stage, used, [PREPARED], where)
     result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
                         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
                         ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
-                        lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps)
+                        lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps, progress=rank == 0)
+    if rank != 0:
+        return  # rank 0 alone writes the checkpoint, curves and metrics
     meta = {
         "stage": stage, "loss": loss, "huber_delta": huber_delta, "lts_keep": lts_keep,
         "noise": cfg.noise, "noise_kw": kw,

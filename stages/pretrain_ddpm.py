@@ -5,4 +5,4 @@ from _common import ROOT, run_stage
 from _ddpm import train_stage
 
 if __name__ == "__main__":
-    run_stage(lambda p: train_stage(p, "pretrain_ddpm", "mse", ROOT / "data/models/ddpm.pt"))
+    run_stage(lambda p: train_stage(p, "pretrain_ddpm", "mse", ROOT / "data/models/ddpm.pt"), data_parallel=True)

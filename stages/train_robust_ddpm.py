@@ -6,4 +6,4 @@ from _ddpm import train_stage
 
 if __name__ == "__main__":
     run_stage(lambda p: train_stage(p, "train_robust_ddpm", p.robust.loss, ROOT / "data/models/rddpm.pt",
-                                    huber_delta=p.robust.huber_delta, lts_keep=p.robust.lts_keep))
+                                    huber_delta=p.robust.huber_delta, lts_keep=p.robust.lts_keep), data_parallel=True)

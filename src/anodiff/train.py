@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,13 +16,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from anodiff import distributed
 from anodiff.errors import TrainingDiverged
 from anodiff.losses import per_sample, reduce
 from anodiff.noise import for_batch
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (under torchrun, this rank's GPU: LOCAL_RANK), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass
@@ -76,9 +81,14 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
     Raises TrainingDiverged on a NaN/Inf loss. `snapshots` (resume.Snapshots) saves the state at
     epochs' ends and, when its file matches, resumes from it: a killed run, rerun, ends with the
     weights of an uninterrupted one. Without it nothing is written to disk here.
+
+    Under torchrun (anodiff.distributed) each rank trains on its share of the same global batch,
+    with DistributedDataParallel; only rank 0 writes snapshots.
     """
     device = torch.device(device) if device is not None else pick_device()
     model.to(device).train()
+    rank, ranks = distributed.world()
+    net = distributed.wrap(model, device) if ranks > 1 else model
     schedule.to(device)
     noise_kw = noise_kw or {}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -116,9 +126,12 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
             b = x0.shape[0]
             t = torch.randint(0, schedule.timesteps, (b,), generator=generator).to(device)
             eps = for_batch(x0, generator, kind=noise, simplex_kw=noise_kw)
-            pred = model(schedule.add_noise(x0, eps, t), t)
-            value = reduce(per_sample(pred, eps, loss, delta=huber_delta), loss, keep=lts_keep)
-            loss_value = value.item()
+            if ranks > 1:  # this rank's share of the global batch; the loss is the global batch's
+                value, loss_value = distributed.step_loss(net, schedule, x0, eps, t, loss, huber_delta, lts_keep)
+            else:
+                pred = model(schedule.add_noise(x0, eps, t), t)
+                value = reduce(per_sample(pred, eps, loss, delta=huber_delta), loss, keep=lts_keep)
+                loss_value = value.item()
             if not math.isfinite(loss_value):
                 bar.close()
                 last = "none" if last_finite is None else f"{last_finite:.6g}"
@@ -137,7 +150,7 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
             rows.append((step, epoch, loss_value, rate))
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
             bar.update()
-        if snapshots is not None and epoch + 1 < epochs:
+        if snapshots is not None and epoch + 1 < epochs and rank == 0:
             snapshots.maybe_save(lambda: {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.model.state_dict(),
                 "ema_updates": ema.updates, "rng": generator.get_state(), "rows": rows, "last_finite": last_finite,

@@ -1,0 +1,59 @@
+"""Run by tests/test_distributed.py under torchrun (two CPU ranks, gloo) or as one plain process over the
+same global batches: a few DDPM training steps (mode `train`: rank 0 saves the weights and losses to
+argv[1]), or one global batch's gradient (mode `grad`: rank 0 saves the gradients, after DDP's all-reduce)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from anodiff import distributed  # noqa: E402
+from anodiff.losses import per_sample, reduce  # noqa: E402
+from anodiff.schedule import Schedule  # noqa: E402
+from anodiff.train import train_ddpm  # noqa: E402
+from anodiff.unet import UNet  # noqa: E402
+
+
+def gradients(loss: str) -> dict:
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(7, 1, 16, 16, generator=g) * 2 - 1
+    eps, t = torch.randn(x0.shape, generator=g), torch.randint(0, 50, (7,), generator=g)
+    torch.manual_seed(0)
+    model = UNet(1, 8, (1, 2), 1, (), 16)
+    schedule = Schedule(50)
+    if distributed.world()[1] > 1:
+        net = distributed.wrap(model, torch.device("cpu"))  # kept alive: its hooks all-reduce in backward
+        value, _ = distributed.step_loss(net, schedule, x0, eps, t, loss, 1.0, 0.6)
+    else:
+        value = reduce(per_sample(model(schedule.add_noise(x0, eps, t), t), eps, loss), loss, keep=0.6)
+    value.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def main(out: str, loss: str, mode: str = "train") -> None:
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    try:
+        if mode == "grad":
+            grads = gradients(loss)
+            if distributed.is_main():
+                torch.save(grads, out)
+            return
+        images = torch.rand(11, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        torch.manual_seed(0)
+        model = UNet(1, 8, (1, 2), 1, (), 16)
+        result = train_ddpm(model, Schedule(50), images, loss=loss, noise="gaussian",
+                            generator=torch.Generator().manual_seed(1), epochs=2, batch_size=5, lr=1e-3,
+                            grad_clip=1.0, ema_decay=0.9, train_crop=8, lts_keep=0.6, device="cpu",
+                            progress=False)
+        if distributed.is_main():
+            torch.save({"model": result.model.state_dict(), "ema": result.ema_model.state_dict(),
+                        "loss": result.history.loss.tolist()}, out)
+    finally:
+        distributed.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
