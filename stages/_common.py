@@ -23,27 +23,22 @@ from anodiff.config import Params, load_params  # noqa: E402
 from anodiff.errors import AnodiffError, ConfigError  # noqa: E402
 
 
-def run_stage(main, params_path: str | os.PathLike = "params.yaml", data_parallel: bool = False) -> None:
+def run_stage(main, params_path: str | os.PathLike = "params.yaml", setup=None) -> None:
     """Load params, call `main(params)`, and turn AnodiffError into `error: ...` + exit 2.
 
-    data_parallel (the DDPM training stages): with ANODIFF_NPROC=N > 1 the script runs again under
-    `torchrun --nproc_per_node=N`, and each of its processes joins the process group (anodiff.distributed)."""
+    `setup`: called once the params are read, before `main`; it returns a function to call after
+    `main` (the DDPM stages join torchrun's process group there: _ddpm.data_parallel)."""
     started = time.perf_counter()
     try:
-        if data_parallel:
-            from anodiff import distributed
-
-            distributed.relaunch_under_torchrun()  # exits here in the launching process
         set_threads_from_env()
         deterministic_cuda()
         params = load_params(params_path)
-        if data_parallel:
-            distributed.init_from_env()
+        teardown = setup() if setup is not None else None
         try:
             main(params)
         finally:
-            if data_parallel:
-                distributed.close()
+            if teardown is not None:
+                teardown()
     except AnodiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

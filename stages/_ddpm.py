@@ -8,13 +8,22 @@ import torch
 from _common import ROOT, split_timing, torch_generator, write_timing
 from _live import write_live
 from anodiff import checkpoint, data, distributed, resume
-from anodiff.config import to_dict
+from anodiff.config import accelerated, to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
 from anodiff.train import pick_device, train_ddpm
 from anodiff.unet import UNet
 
 PREPARED = ROOT / "data/prepared"
+
+
+def data_parallel():
+    """run_stage's setup for the DDPM stages: with ANODIFF_NPROC=N > 1 the script runs again under
+    `torchrun --nproc_per_node=N` (this process exits with its status); under torchrun, each process
+    joins the process group (anodiff.distributed). Returns the teardown."""
+    distributed.relaunch_under_torchrun()
+    distributed.init_from_env()
+    return distributed.close
 
 
 def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1.0, lts_keep: float = 1.0):
@@ -44,7 +53,8 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
                         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
                         ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
-                        lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps, progress=rank == 0)
+                        lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps, progress=rank == 0,
+                        amp=accelerated(cfg.amp, device), channels_last=accelerated(cfg.channels_last, device))
     if rank != 0:
         return  # rank 0 alone writes the checkpoint, curves and metrics
     meta = {

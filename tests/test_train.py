@@ -157,3 +157,27 @@ def test_the_budget_has_no_hidden_defaults():
         budget = {k: v for k, v in _cfg().items() if k != key}
         with pytest.raises(TypeError, match=key):
             _train(cfg=budget)
+
+
+def test_mixed_precision_and_channels_last_train_the_same_network_closely():
+    """amp (bfloat16 autocast; CPU here, the GPU path is the same code) and channels_last: the loss is
+    float32 and follows the float32 run's within bfloat16's precision; channels_last alone changes
+    only the memory layout and the convolutions' summation order, so its losses are the float32
+    run's to within float rounding (which Adam amplifies a little over a few steps)."""
+    plain = _train(cfg=_cfg(epochs=3, batch_size=4))
+    half = _train(cfg=_cfg(epochs=3, batch_size=4), amp=True)
+    nhwc = _train(cfg=_cfg(epochs=3, batch_size=4), channels_last=True)
+    assert half.history.loss.dtype == plain.history.loss.dtype
+    torch.testing.assert_close(torch.tensor(half.history.loss.to_numpy()), torch.tensor(plain.history.loss.to_numpy()),
+                               rtol=0.05, atol=0.01)
+    assert not half.history.loss.equals(plain.history.loss)  # autocast did run in bfloat16
+    torch.testing.assert_close(torch.tensor(nhwc.history.loss.to_numpy()), torch.tensor(plain.history.loss.to_numpy()),
+                               rtol=1e-3, atol=1e-5)
+    assert nhwc.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_accelerated_params_are_on_with_cuda_only_when_auto():
+    from anodiff.config import accelerated
+
+    assert accelerated("auto", torch.device("cuda")) and not accelerated("auto", torch.device("cpu"))
+    assert accelerated(True, "cpu") and not accelerated(False, "cuda")

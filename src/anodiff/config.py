@@ -49,6 +49,16 @@ class Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+#: a GPU speed-up: `auto` (on with CUDA, off on the CPU), or true / false
+Accel = bool | Literal["auto"]
+
+
+def accelerated(value, device) -> bool:
+    """Whether an Accel param is on for `device` (a torch.device or its type's name)."""
+    kind = getattr(device, "type", str(device))
+    return kind == "cuda" if value == "auto" else bool(value)
+
+
 class Augment(Section):
     balance: bool
     flip_p: Num(float, 0, 1)
@@ -99,6 +109,8 @@ class DDPM(Section):
     simplex_octaves: Num(int, 1, 12)
     simplex_persistence: Num(float, 0, 1, lo_open=True)
     simplex_frequency: Num(float, 0, lo_open=True)
+    amp: Accel
+    channels_last: Accel
 
 
 class Robust(Section):
@@ -141,6 +153,8 @@ class Infer(Section):
     score: Literal["max", "topk"]
     topk: Num(float, 0, 1, lo_open=True)
     batch_size: Num(int, 1)
+    amp: Accel
+    channels_last: Accel
 
     def plan(self) -> list[tuple[int, int, float]]:
         """(t_start, steps, guidance) per noise level: t_starts with their level_steps and

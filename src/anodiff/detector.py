@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anodiff import anomaly, checkpoint, noise
+from anodiff import anomaly, checkpoint, config, noise
 from anodiff.config import Infer
 from anodiff.errors import CheckpointError
 from anodiff.noisegen import NoiseGenerator
@@ -123,6 +123,12 @@ class Detector:
         noise draws), and the first reconstruction (N, C, H, W). `only`: just these levels (T of
         them, in plan order), as GAN model selection recomputes the generator's level alone."""
         self.model.eval()
+        amp = config.accelerated(self.settings.amp, self.device)
+        cuda = self.device.type == "cuda"
+        half = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        layout = torch.channels_last if config.accelerated(self.settings.channels_last, self.device) else None
+        if layout is not None:
+            self.model.to(memory_format=layout)
         maps, recons = [], []
         bs = self.settings.batch_size
         plan, levels = self.plan(), self.levels()
@@ -130,13 +136,15 @@ class Detector:
             plan = [p for p in plan if p[0] in only]
             levels = [t for t in levels if t in only]
         for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress):
-            x = images[start:start + bs].to(self.device)
+            x = images[start:start + bs].to(self.device, memory_format=layout or torch.preserve_format)
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
             count = [0] * len(levels)
             first = None
             for t, steps, guidance in plan:
-                x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator, t), t, steps,
-                                            guidance=guidance, ancestral=generator if self.full_chain else None)
+                with torch.autocast(self.device.type, dtype=half, enabled=amp):
+                    x_hat = anomaly.reconstruct(self.model, self.schedule, x, self.make_noise(x, generator, t), t,
+                                                steps, guidance=guidance,
+                                                ancestral=generator if self.full_chain else None).float()
                 i = levels.index(t)
                 acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error)
                 count[i] += 1

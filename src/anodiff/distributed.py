@@ -118,8 +118,8 @@ def share(losses: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, b:
     return (losses * mine).sum() / k
 
 
-def step_loss(net, schedule, x0, eps, t, kind: str, delta: float, keep: float) -> tuple[torch.Tensor, float]:
-    """(what this rank backpropagates, the global batch's loss, the same on every rank) for one DDP
+def step_loss(net, schedule, x0, eps, t, kind: str, delta: float, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what this rank backpropagates, the global batch's loss as a 0-d tensor, the same on every rank) for one DDP
     training step on the global batch x0, eps, t (identical on every rank). `net` (DDP) must outlive
     the backward pass: its hooks all-reduce the gradients there."""
     rank, ranks = world()
@@ -127,8 +127,8 @@ def step_loss(net, schedule, x0, eps, t, kind: str, delta: float, keep: float) -
     pos, valid = shard(b, rank, ranks)
     p = pos.to(x0.device)
     pred = net(schedule.add_noise(x0[p], eps[p], t[p]), t[p])
-    term = share(per_sample(pred, eps[p], kind, delta=delta), valid, pos, b, kind, keep)
+    term = share(per_sample(pred.float(), eps[p], kind, delta=delta), valid, pos, b, kind, keep)
     total = term.detach().clone()
     dist.all_reduce(total)  # the global loss, for the log and the divergence check
     # DDP averages gradients over the ranks: scale so the average is the global loss's gradient
-    return term * ranks, float(total)
+    return term * ranks, total

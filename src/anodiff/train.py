@@ -71,7 +71,8 @@ def random_crop(x: torch.Tensor, size: int, generator: torch.Generator) -> torch
 def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: torch.Generator, epochs: int,
                batch_size: int, lr: float, grad_clip: float, ema_decay: float, train_crop: int,
                noise_kw: dict | None = None, huber_delta: float = 1.0, lts_keep: float = 1.0, device=None,
-               stage_name: str = "train", progress: bool = True, snapshots=None) -> TrainResult:
+               stage_name: str = "train", progress: bool = True, snapshots=None, amp: bool = False,
+               channels_last: bool = False) -> TrainResult:
     """Train `model` (in place) to predict the `noise` ('gaussian' or 'simplex', with `noise_kw`)
     added to `images` (N, C, H, W) in [-1, 1], with Adam, clipped gradients and an EMA copy.
 
@@ -84,9 +85,20 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
 
     Under torchrun (anodiff.distributed) each rank trains on its share of the same global batch,
     with DistributedDataParallel; only rank 0 writes snapshots.
+
+    `amp`: the forward pass under autocast, in bfloat16 (float16 with a gradient scaler on a GPU
+    without bfloat16); the loss and the weights stay float32. `channels_last`: the network and
+    its inputs in NHWC memory layout (faster convolutions on tensor-core GPUs). Both off by
+    default; the stages turn them on with a GPU (params `ddpm.amp`, `ddpm.channels_last`). On CUDA
+    the loop never waits for the GPU mid-epoch: the losses are read, and checked, once an epoch,
+    and images/s is the epoch's.
     """
     device = torch.device(device) if device is not None else pick_device()
-    model.to(device).train()
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device, memory_format=layout).train()
+    half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and half == torch.float16)
+    lazy = device.type == "cuda"  # no per-step synchronisation
     rank, ranks = distributed.world()
     net = distributed.wrap(model, device) if ranks > 1 else model
     schedule.to(device)
@@ -115,41 +127,61 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
     started = time.perf_counter()
     bar = tqdm(total=epochs * steps_per_epoch, initial=step, desc=stage_name, disable=not progress,
                unit="step", dynamic_ncols=True)
+    def check(loss_value: float, at_step: int) -> None:
+        if not math.isfinite(loss_value):
+            bar.close()
+            last = "none" if last_finite is None else f"{last_finite:.6g}"
+            raise TrainingDiverged(f"{stage_name}: loss became {loss_value} at step {at_step}; "
+                                   f"last finite loss {last}; checkpoint not written")
+
     for epoch in range(first_epoch, epochs):
         order = torch.randperm(n, generator=generator)
+        pending, epoch_tick = [], time.perf_counter()  # CUDA: (step, loss on the GPU, images), read at the end
         for first in range(0, n, bs):
             tick = time.perf_counter()
             x0 = images[order[first:first + bs]]  # (b, C, H, W), b <= bs
             if crop:
                 x0 = random_crop(x0, crop, generator)  # (b, C, crop, crop)
-            x0 = x0.to(device)
+            x0 = x0.to(device, memory_format=layout)
             b = x0.shape[0]
             t = torch.randint(0, schedule.timesteps, (b,), generator=generator).to(device)
             eps = for_batch(x0, generator, kind=noise, simplex_kw=noise_kw)
-            if ranks > 1:  # this rank's share of the global batch; the loss is the global batch's
-                value, loss_value = distributed.step_loss(net, schedule, x0, eps, t, loss, huber_delta, lts_keep)
-            else:
-                pred = model(schedule.add_noise(x0, eps, t), t)
-                value = reduce(per_sample(pred, eps, loss, delta=huber_delta), loss, keep=lts_keep)
-                loss_value = value.item()
-            if not math.isfinite(loss_value):
-                bar.close()
-                last = "none" if last_finite is None else f"{last_finite:.6g}"
-                raise TrainingDiverged(f"{stage_name}: loss became {loss_value} at step {step + 1}; "
-                                       f"last finite loss {last}; checkpoint not written")
+            with torch.autocast(device.type, dtype=half, enabled=amp):
+                if ranks > 1:  # this rank's share of the global batch; the loss is the global batch's
+                    value, loss_t = distributed.step_loss(net, schedule, x0, eps, t, loss, huber_delta, lts_keep)
+                else:
+                    pred = model(schedule.add_noise(x0, eps, t), t)
+                    value = reduce(per_sample(pred.float() if amp else pred, eps, loss, delta=huber_delta), loss,
+                                   keep=lts_keep)
+                    loss_t = value.detach()
+            if not lazy:
+                loss_value = loss_t.item()
+                check(loss_value, step + 1)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            scaler.scale(value).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             ema.update(model)
             step += 1
+            if lazy:
+                pending.append((step, loss_t, b))
+                bar.update()
+                continue
             last_finite = loss_value
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # honest images/s: wait for the queued kernels
             rate = b / max(time.perf_counter() - tick, 1e-9)
             rows.append((step, epoch, loss_value, rate))
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
             bar.update()
+        if pending:  # one synchronisation an epoch
+            values = torch.stack([v for _, v, _ in pending]).float().cpu().tolist()
+            rate = sum(b for _, _, b in pending) / max(time.perf_counter() - epoch_tick, 1e-9)
+            for (at_step, _, _), loss_value in zip(pending, values):
+                check(loss_value, at_step)
+                last_finite = loss_value
+                rows.append((at_step, epoch, loss_value, rate))
+            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.1f}")
         if snapshots is not None and epoch + 1 < epochs and rank == 0:
             snapshots.maybe_save(lambda: {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.model.state_dict(),
