@@ -424,3 +424,25 @@ def test_auroc_standard_error_hanley_mcneil():
     assert M.auroc_standard_error(0.8, 50, 50) < M.auroc_standard_error(0.8, 12, 24)
     with pytest.raises(ValueError, match="both classes"):
         M.auroc_standard_error(0.7, 0, 5)
+
+
+def test_lean_figures_of_large_curves_equal_scikit_learn(monkeypatch):
+    # above curves.LEAN_POINTS the figures are summed in chunks from the counts (no full-length
+    # point arrays: 500 maps at 256 px would need GBs); forced here on a small set, with ties
+    # and chunks that split tie runs' neighbours
+    from anodiff import curves
+
+    rng = np.random.default_rng(11)
+    masks = _blob_masks(rng, n=6, size=24)
+    maps = np.round(masks + rng.normal(0, 0.6, masks.shape), 2)
+    y, s = masks.ravel(), maps.ravel()
+    exact = {"auroc": M.pixel_auroc(maps, masks), "ap": M.pixel_ap(maps, masks), "f1": M.f1_max(maps, masks),
+             "aupro": M.aupro(maps, masks)}
+    monkeypatch.setattr(curves, "LEAN_POINTS", 10)
+    monkeypatch.setattr(curves, "_CHUNK", 7)
+    assert M.pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(y, s), rel=1e-12)
+    assert M.pixel_ap(maps, masks) == pytest.approx(average_precision_score(y, s), rel=1e-12)
+    f1, thr = M.f1_max(maps, masks)
+    assert f1 == pytest.approx(exact["f1"][0], rel=1e-12) and thr == exact["f1"][1]
+    assert M.aupro(maps, masks) == exact["aupro"]  # the same points, sliced at the limit first
+    assert exact["auroc"] == roc_auc_score(y, s)

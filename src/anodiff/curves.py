@@ -56,10 +56,12 @@ def from_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> Cu
     for millions of pixels: at a tie run's end k, fp = k + 1 - tp, so only the positives are
     summed, in int32 while they fit.
     """
+    counts = np.int32 if s.size < 2**31 else np.int64  # every count is at most s.size
     last = np.flatnonzero(np.r_[s[1:] != s[:-1], True][: s.size])  # a threshold takes in its whole tie run
-    tp = np.cumsum(y, dtype=np.int32 if s.size < 2**31 else np.int64)[last].astype(np.int64)
-    fp = last + 1 - tp
-    return Curve(s[last].astype(np.float64, copy=False), tp, fp, None if w is None else np.cumsum(w, out=w)[last])
+    tp = np.cumsum(y, dtype=counts)[last]
+    fp = (last + 1 - tp).astype(counts)
+    # thresholds keep the scores' type: float32 maps give float32 thresholds, each a float64 exactly
+    return Curve(s[last], tp, fp, None if w is None else np.cumsum(w, out=w)[last])
 
 
 def curve(s: np.ndarray, y: np.ndarray) -> Curve:
@@ -73,7 +75,7 @@ def both_classes(c: Curve) -> bool:
 
 def roc(c: Curve):
     """(fpr, tpr, thresholds): the points of sklearn's roc_curve (drop_intermediate=True)."""
-    tp, fp, thr = c.tp.astype(np.float64), c.fp.astype(np.float64), c.thr
+    tp, fp, thr = c.tp.astype(np.float64), c.fp.astype(np.float64), c.thr.astype(np.float64)
     if fp.size > 2:  # drop points collinear with both neighbours, exactly as sklearn does
         keep = np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True]
         tp, fp, thr = tp[keep], fp[keep], thr[keep]
@@ -87,17 +89,49 @@ def pr(c: Curve):
     precision = c.tp / (c.tp + c.fp)  # every threshold flags at least one item
     recall = c.tp / c.tp[-1]
     return (np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0],
-            np.r_[c.thr[::-1], above(c.thr[0])])
+            np.r_[c.thr[::-1].astype(np.float64), above(c.thr[0])])
+
+
+#: above this many curve points (distinct scores: ~ every pixel of a large test set at 256 px) the
+#: figures are summed in chunks from the counts, without scikit-learn's full-length point arrays
+#: (each several hundred MB there); below it they are scikit-learn's, bit for bit
+LEAN_POINTS = 1_000_000
+_CHUNK = 1 << 22
+
+
+def _chunks(n: int):
+    for start in range(0, n, _CHUNK):
+        yield start, min(n, start + _CHUNK)
+
+
+def _previous(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """a[start-1:stop-1], with 0 before the first point (the curve starts at no item flagged)."""
+    return np.r_[0, a[start:stop - 1]] if start == 0 else a[start - 1:stop - 1]
 
 
 def auroc(c: Curve) -> float | None:
-    return auc(*roc(c)[:2]) if both_classes(c) else None
+    if not both_classes(c):
+        return None
+    if c.thr.size <= LEAN_POINTS:
+        return auc(*roc(c)[:2])
+    # the trapezoids from (0, 0) in integer counts: exact (2 x the area is below 2 P N < 2^63)
+    twice = 0
+    for a, b in _chunks(c.thr.size):
+        fp, tp = c.fp[a:b].astype(np.int64), c.tp[a:b].astype(np.int64)
+        twice += int(np.dot(fp - _previous(c.fp, a, b), tp + _previous(c.tp, a, b)))
+    return twice / (2.0 * int(c.tp[-1]) * int(c.fp[-1]))
 
 
 def average_precision(c: Curve) -> float | None:
     """sklearn's average_precision_score: the step-wise sum over the PR curve."""
     if not both_classes(c):
         return None
+    if c.thr.size > LEAN_POINTS:  # sum of (recall gain) x precision, point by point
+        total = 0.0
+        for a, b in _chunks(c.thr.size):
+            tp = c.tp[a:b].astype(np.int64)
+            total += float(np.dot(tp - _previous(c.tp, a, b), tp / (tp + c.fp[a:b])))
+        return max(0.0, total / float(c.tp[-1]))
     precision, recall, _ = pr(c)
     return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
 
@@ -106,6 +140,14 @@ def best_f1(c: Curve) -> tuple[float | None, float | None]:
     """(best F1, its threshold); ties keep the lowest threshold, as anomalib does."""
     if c.thr.size == 0 or c.tp[-1] == 0:
         return None, None
+    if c.thr.size > LEAN_POINTS:  # F1 = 2 TP / (TP + FP + P) at each point; the last of equals is the lowest threshold
+        best, at = -1.0, 0
+        for a, b in _chunks(c.thr.size):
+            f1 = 2.0 * c.tp[a:b] / (c.tp[a:b].astype(np.int64) + c.fp[a:b] + c.tp[-1])
+            i = f1.size - 1 - int(np.argmax(f1[::-1]))
+            if f1[i] >= best:
+                best, at = float(f1[i]), a + i
+        return best, float(c.thr[at])
     precision, recall, thr = pr(c)
     p, r = precision[:-1], recall[:-1]  # the final point flags nothing
     denom = p + r
@@ -124,10 +166,21 @@ def _subsample(df: pd.DataFrame, max_points: int) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _thin(c: Curve, max_points: int) -> Curve:
+    """A large curve (> LEAN_POINTS) reduced to max_points of its own points, evenly spaced, first
+    and last kept, before a table is built from it: the table is a plot of at most max_points
+    rows, and the full point arrays would take GBs. A smaller curve is returned as it is."""
+    if c.thr.size <= LEAN_POINTS:
+        return c
+    idx = np.unique(np.linspace(0, c.thr.size - 1, max(2, 4 * max_points)).round().astype(np.int64))
+    return Curve(c.thr[idx], c.tp[idx], c.fp[idx], None if c.pro is None else c.pro[idx])
+
+
 def roc_table(c: Curve | None, max_points: int) -> pd.DataFrame:
     """roc(c) as columns fpr, tpr, threshold, at most max_points rows; empty for None."""
     if c is None:
         return pd.DataFrame({"fpr": [], "tpr": [], "threshold": []}, dtype=np.float64)
+    c = _thin(c, max_points)
     fpr, tpr, thr = roc(c)
     return _subsample(pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr}), max_points)
 
@@ -136,6 +189,7 @@ def pr_table(c: Curve | None, max_points: int) -> pd.DataFrame:
     """pr(c) as columns recall (increasing), precision, threshold; empty for None."""
     if c is None:
         return pd.DataFrame({"recall": [], "precision": [], "threshold": []}, dtype=np.float64)
+    c = _thin(c, max_points)
     precision, recall, thr = pr(c)
     df = pd.DataFrame({"recall": recall, "precision": precision, "threshold": thr})
     return _subsample(df.iloc[::-1], max_points)
@@ -212,16 +266,22 @@ def pro_points(c: Curve):
     """(fpr, pro, thresholds) from (0, 0); None without region or normal pixel."""
     if not both_classes(c):
         return None
-    fpr = np.r_[0.0, c.fp / c.fp[-1]]
-    return fpr, np.r_[0.0, np.minimum(c.pro, 1.0)], np.r_[above(c.thr[0]), c.thr]
+    return _pro_points(c, c.fp[-1])
+
+
+def _pro_points(c: Curve, negatives):
+    """pro_points of the first points of a curve whose negatives number `negatives` in all."""
+    fpr = np.r_[0.0, c.fp / negatives]
+    return fpr, np.r_[0.0, np.minimum(c.pro, 1.0)], np.r_[above(c.thr[0]), c.thr.astype(np.float64)]
 
 
 def pro_area(c: Curve, fpr_limit: float) -> float | None:
     """Area under the PRO curve up to fpr_limit (interpolated there), over fpr_limit."""
-    points = pro_points(c)
-    if points is None:
+    if not both_classes(c):
         return None
-    fpr, pro, _ = points
+    # only the points up to the limit, and the next one, count: slice before building the curve
+    m = min(c.thr.size, int(np.searchsorted(c.fp, fpr_limit * float(c.fp[-1]), side="right")) + 2)
+    fpr, pro, _ = _pro_points(Curve(c.thr[:m], c.tp[:m], c.fp[:m], c.pro[:m]), c.fp[-1])
     n = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
     x, y = fpr[:n], pro[:n]
     if n < fpr.size and x[-1] < fpr_limit:

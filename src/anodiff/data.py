@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from anodiff import io, synth
@@ -25,6 +24,7 @@ from anodiff.errors import BadImageError, DataError
 from anodiff.layouts import Problem, Record, read_layout
 
 if TYPE_CHECKING:
+    import torch
     from anodiff.config import Augment, Data, Synth
 
 SPLITS = ("train", "val", "test")
@@ -246,6 +246,8 @@ def load_rows(prepared_dir, **filters) -> pd.DataFrame:
 
 def load_images(prepared_dir, rows: pd.DataFrame, channels: int, size: int | None = None) -> torch.Tensor:
     """(N, channels, H, W) float32 in [-1, 1], in the order of `rows`."""
+    import torch  # here: the manifest, masks and maps are read without torch (500 MB of memory)
+
     prepared_dir = Path(prepared_dir)
     paths = [prepared_dir / p for p in rows["path"]]
     if size is None:

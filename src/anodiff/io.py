@@ -15,13 +15,16 @@ import tempfile
 import warnings
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from anodiff.errors import BadImageError, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -189,12 +192,16 @@ def load_image_with_size(path, size: int, channels: int) -> tuple[np.ndarray, tu
 
 def uint8_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]."""
+    import torch  # here, not at the top: reading maps and metrics needs no torch (500 MB)
+
     # np.array copies: arrays from PIL are read-only, which torch.from_numpy warns about
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W, C) uint8."""
+    import torch  # here, not at the top: reading maps and metrics needs no torch (500 MB)
+
     x = ((x.detach().cpu().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 0).numpy()
 
@@ -247,12 +254,16 @@ def load_npz(path) -> dict:
 
 def save_checkpoint(path, obj: dict) -> None:
     """torch.save to a temp file, then rename: the previous checkpoint survives any failure."""
+    import torch  # here, not at the top: reading maps and metrics needs no torch (500 MB)
+
     with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint with weights_only=True (no pickled code runs)."""
+    import torch  # here, not at the top: reading maps and metrics needs no torch (500 MB)
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")

@@ -7,10 +7,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display: figures go straight to files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from torchvision.utils import make_grid
 
 from anodiff import io
 
@@ -58,6 +56,9 @@ def sample_grid(images_uint8, masks, labels, path, ncol: int = 8) -> None:
     tiles = []
     for row in rows.values():
         tiles += row + [blank] * (width - len(row))
+    import torch  # here, not at the top: torch and torchvision take 500 MB and seconds to import
+    from torchvision.utils import make_grid
+
     batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
     grid = make_grid(batch, nrow=width, padding=pad, pad_value=255).permute(1, 2, 0).numpy()
 
