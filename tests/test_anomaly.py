@@ -225,6 +225,27 @@ def test_detector_same_seed_same_maps():
     assert not torch.equal(a[0], c[0])
 
 
+def test_detector_batches_a_levels_draws_into_one_reconstruction_with_the_same_maps():
+    """batch_draws (the default on CUDA): a level's noise draws, drawn in the same order, go through
+    the DDPM as one batch; the maps are the one-by-one maps up to the batched convolutions' rounding."""
+    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=3, batch_size=2)
+    det = _detector(settings=settings)
+    x = _images(n=3)
+    calls = []
+    model = det.model
+    det.model = lambda xt, t: calls.append(xt.shape[0]) or model(xt, t)  # noqa: E731
+    det.model.eval = model.eval
+    det.model.parameters = model.parameters
+    one = det.raw_maps(x, torch.Generator().manual_seed(4), progress=False)
+    assert calls[:3] == [2, 2, 2]  # one draw a call (CPU default)
+    calls.clear()
+    det.batch_draws = True
+    together = det.raw_maps(x, torch.Generator().manual_seed(4), progress=False)
+    assert calls[:3] == [6, 6, 6]  # level 3 (1 step), then level 6 (2 steps): 3 draws x 2 images a call
+    torch.testing.assert_close(together[0], one[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[1], one[1], rtol=1e-4, atol=1e-5)
+
+
 def test_detector_plan():
     assert _detector().plan() == [(5, 1, 0.0), (5, 1, 0.0)]
     multi = infer_settings(t_start=5, steps=2, t_starts=(3, 6), n_seeds=2)
