@@ -98,3 +98,36 @@ def test_the_committed_run_is_the_default_cell_only_when_its_params_are(monkeypa
     assert grid._committed_default("moon", [1], set(), params) == []  # another data set
     params["robust"]["loss"] = "lts"
     assert grid._committed_default("embedded", [1], set(), params) == []  # not the default cell
+
+
+def test_recorded_default_runs_fill_seeds_the_grid_did_not_run(tmp_path):
+    from anodiff import io
+
+    per_seed = [dict(_fake_metrics("x-s0", "ddpm"), seed=0), dict(_fake_metrics("x-s2", "ddpm"), seed=2)]
+    io.write_json(tmp_path / "realphoto.json", {"moon": {"ddpm": {"per_seed": per_seed},
+                                                        "rddpm": {"per_seed": [dict(p, pixel_ap=0.1) for p in per_seed]}}})
+    rows = grid._recorded_default("moon", [0, 1, 2], {"grid-moon-c0.1-huber-s2"}, bench=tmp_path)
+    # seed 2's default cell ran in the grid, seed 1 was never recorded: only seed 0, both methods
+    assert [(r["method"], r["loss"], r["seed"], r["contamination"]) for r in rows] == \
+        [("ddpm", "mse", 0, 0.1), ("rddpm", "huber", 0, 0.1)]
+    assert rows[1]["pixel_ap"] == 0.1 and rows[0]["experiment"] == "bench/realphoto.json"
+    assert grid._recorded_default("hubble", [0], set(), bench=tmp_path) == []  # no such category there
+    (tmp_path / "gan_vs_ddpm").mkdir()
+    io.write_json(tmp_path / "gan_vs_ddpm" / "marble_s1.json", {"ddpm": _fake_metrics("x-s1", "ddpm")})
+    rows = grid._recorded_default("embedded", [0, 1], set(), bench=tmp_path)
+    assert [(r["method"], r["seed"], r["experiment"]) for r in rows] == [("ddpm", 1, "bench/gan_vs_ddpm/marble_s1.json")]
+
+
+def test_deltas_pair_each_variant_with_its_baseline_of_the_same_seed():
+    def row(exp, seed, c, loss, noise, v):
+        return dict(experiment=exp, seed=seed, contamination=c, loss=loss, noise=noise, method="ddpm" if loss == "mse" else "rddpm",
+                    pixel_auroc=v, pixel_ap=v, aupro=v, image_auroc=v)
+    loss_rows = pd.DataFrame([row("a", 0, 0.2, "mse", "gaussian", 0.5), row("a", 0, 0.2, "huber", "gaussian", 0.6),
+                              row("b", 1, 0.2, "mse", "gaussian", 0.7), row("b", 1, 0.2, "huber", "gaussian", 0.6),
+                              row("c", 2, 0.2, "huber", "gaussian", 0.9)])  # no mse of run c: unpaired, left out
+    noise_rows = pd.DataFrame([row("d", 0, 0.1, "mse", "gaussian", 0.5), row("e", 0, 0.1, "mse", "simplex", 0.45),
+                               row("f", 1, 0.1, "mse", "simplex", 0.1)])  # seed 1 has no Gaussian run: left out
+    d = grid.deltas(loss_rows, noise_rows)
+    assert d["difference"].tolist() == ["huber - mse", "simplex - gaussian"]
+    assert d.iloc[0]["pixel_ap"] == "+0.000 (-0.100 to +0.100)" and d.iloc[0]["seeds"] == "0,1"
+    assert d.iloc[1]["pixel_auroc"] == "-0.050" and d.iloc[1]["seeds"] == "0"
