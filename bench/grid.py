@@ -322,7 +322,9 @@ def report(args, data: str | None = None) -> None:
           + noise_tab.to_markdown(index=False) + "\n\n"
           + "Paired differences, the mean over seeds (min to max): a robust loss minus `mse` of the same run "
           + "(same data, same seed), simplex minus Gaussian of the same seed:\n\n"
-          + deltas(df[df["noise"] == "gaussian"], noise_rows).to_markdown(index=False) + "\n")
+          + deltas(df[df["noise"] == "gaussian"], noise_rows).to_markdown(index=False) + "\n\n"
+          + "Simplex minus Gaussian per defect family (pixel AUROC), the same pairs:\n\n"
+          + deltas(df.iloc[:0], noise_rows, tuple(families)).to_markdown(index=False) + "\n")
     io.write_text(out / f"grid_{data}.md", md)
     plot(df[df["noise"] == "gaussian"], args.plot_dir / f"grid_contamination_{data}.png",
          f"{data}: test figures against training contamination, seeds {','.join(map(str, sorted(df['seed'].unique())))}")
