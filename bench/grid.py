@@ -17,9 +17,13 @@ is the baseline of each robust loss; the Gaussian cell of the noise claim is the
 (contamination 0.1, `huber`), whose `ddpm` uses Gaussian noise.
 
 `report` reads every method's `metrics/<method>.json` back from the newest experiment of each
-name and writes `bench/grid.json` (one row a cell and method), `bench/grid.md` (the mean over seeds,
-the range in brackets) and `plots/grid_contamination.png` (pixel AP and pixel AUROC against
-contamination, one line per loss; the band is the range over seeds). Test figures, settings chosen
+name and writes `bench/grid.json` (one row a cell and method, with the experiment it came from),
+`bench/grid.md` (the mean over seeds, the range in brackets; then each claim as paired differences,
+a robust loss minus `ddpm` of the same experiment and simplex minus Gaussian of the same seed, mean
+and range over seeds) and `plots/grid_contamination.png` (pixel AP and pixel AUROC against
+contamination, a line per loss and seed; below, the paired differences). A seed whose default cell
+did not run takes it from runs of default params that other benchmarks kept (`_committed_default`,
+`_recorded_default`). Test figures, settings chosen
 on val by the pipeline itself.
 """
 
