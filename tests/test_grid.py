@@ -63,6 +63,7 @@ def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
         raise SystemExit("no ref")
     monkeypatch.setattr(grid, "_exp_ref", missing)
     monkeypatch.setattr(grid, "_committed_default", lambda *a: [])  # nor a committed default run
+    monkeypatch.setattr(grid, "_recorded_default", lambda *a: [])  # nor one another benchmark kept
     args = argparse.Namespace(category=None, seeds=[0], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
     with pytest.raises(SystemExit, match="bench/grid.py run"):
         grid.report(args)
