@@ -239,32 +239,30 @@ def deltas(loss_rows: pd.DataFrame, noise_rows: pd.DataFrame, keys=KEYS) -> pd.D
     the same data and seed, then the mean and range over seeds (what the verdicts quote). A robust
     loss pairs with the `mse` row of its own experiment, so `loss_rows` keeps every experiment's rows."""
     cols = ["seed", *keys]
-    pairs = []
-    base = loss_rows[loss_rows["loss"] == "mse"]
-    for (c, loss), part in loss_rows[loss_rows["loss"] != "mse"].groupby(["contamination", "loss"]):
-        m = part.merge(base[base["contamination"] == c], on=["experiment", "seed"], suffixes=("", "_base"))
-        pairs.append((f"{loss} - mse", f"{c:g}", m))
+    pairs = [(f"{loss} - mse", f"{c:g}", m) for (c, loss), m in _paired(loss_rows, keys).groupby(["contamination", "loss"])]
     gauss = noise_rows[noise_rows["noise"] == "gaussian"][cols]
     for noise, part in noise_rows[noise_rows["noise"] != "gaussian"].groupby("noise"):
-        pairs.append((f"{noise} - gaussian", "0.1", part[cols].merge(gauss, on="seed", suffixes=("", "_base"))))
+        m = part[cols].merge(gauss, on="seed", suffixes=("", "_base"))
+        pairs.append((f"{noise} - gaussian", "0.1", m.assign(**{k: m[k] - m[f"{k}_base"] for k in keys})))
     out = []
     for what, c, m in pairs:
         if m.empty:
             continue
         row = {"difference": what, "contamination": c}
         for k in keys:
-            d = m[k] - m[f"{k}_base"]
+            d = m[k]
             row[k] = f"{d.mean():+.3f}" if len(d) == 1 else f"{d.mean():+.3f} ({d.min():+.3f} to {d.max():+.3f})"
         row["seeds"] = ",".join(str(s) for s in sorted(m["seed"]))
         out.append(row)
     return pd.DataFrame(out, columns=["difference", "contamination", *keys, "seeds"])
 
 
-def _paired(rows: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Per seed and contamination, each robust loss's `key` minus the `mse` of its own experiment."""
-    base = rows[rows["loss"] == "mse"][["experiment", "seed", "contamination", key]]
-    m = rows[rows["loss"] != "mse"].merge(base, on=["experiment", "seed", "contamination"], suffixes=("", "_mse"))
-    return m.assign(delta=m[key] - m[f"{key}_mse"])[["loss", "seed", "contamination", "delta"]]
+def _paired(rows: pd.DataFrame, keys) -> pd.DataFrame:
+    """Per seed and contamination, each robust loss's `keys` minus the `mse` of its own experiment."""
+    on = ["experiment", "seed", "contamination"]
+    base = rows[rows["loss"] == "mse"][[*on, *keys]]
+    m = rows[rows["loss"] != "mse"].merge(base, on=on, suffixes=("", "_mse"))
+    return m.assign(**{k: m[k] - m[f"{k}_mse"] for k in keys})[["loss", "seed", "contamination", *keys]]
 
 
 def plot(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -273,10 +271,11 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
     claim itself, each robust loss minus `mse` of the same run, a marker per seed, the line their mean."""
     colours = {loss: f"C{i}" for i, loss in enumerate(sorted(df["loss"].unique()))}
     markers = dict(zip(sorted(df["seed"].unique()), "os^vDP*X"))
+    once = df.drop_duplicates(["seed", "contamination", "loss"])  # one row a cell (huber and lts runs share mse)
+    paired = _paired(df, ["pixel_ap", "pixel_auroc"])
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for col, (key, label) in enumerate((("pixel_ap", "pixel AP"), ("pixel_auroc", "pixel AUROC"))):
         ax = axes[0, col]
-        once = df.drop_duplicates(["seed", "contamination", "loss"])  # one row a cell (huber and lts runs share mse)
         for (loss, seed), part in once.sort_values("contamination").groupby(["loss", "seed"]):
             ax.plot(part["contamination"], part[key], marker=markers[seed], color=colours[loss], lw=1, alpha=0.8,
                     label=f"{loss}, seed {seed}")
@@ -284,11 +283,10 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax = axes[1, col]
         ax.axhline(0, color="k", lw=0.8)
-        paired = _paired(df, key)
         for loss, part in paired.groupby("loss"):
             for seed, one in part.groupby("seed"):
-                ax.scatter(one["contamination"], one["delta"], marker=markers[seed], color=colours[loss], alpha=0.7)
-            mean = part.groupby("contamination")["delta"].mean()
+                ax.scatter(one["contamination"], one[key], marker=markers[seed], color=colours[loss], alpha=0.7)
+            mean = part.groupby("contamination")[key].mean()
             ax.plot(mean.index, mean.to_numpy(), color=colours[loss], lw=2, label=f"{loss} - mse (mean)")
         ax.set_ylabel(f"{label}: robust loss - mse, same run")
         ax.set_xlabel("data.contamination (share of defective training images)")
@@ -313,7 +311,8 @@ def report(args, data: str | None = None) -> None:
                          "run `python bench/grid.py run` first")
     out = args.out_dir
     io.write_json(out / f"grid_{data}.json", df.to_dict(orient="records"))
-    loss_rows = df[df["noise"] == "gaussian"].drop_duplicates(["seed", "contamination", "loss"])
+    gaussian = df[df["noise"] == "gaussian"]  # every experiment's rows: a robust loss pairs with its own run's mse
+    loss_rows = gaussian.drop_duplicates(["seed", "contamination", "loss"])
     # the Gaussian cell of a seed: the ddpm of its default cell (the huber and lts experiments of
     # contamination 0.1 train the same ddpm; rows are in `collect`'s order, grid experiments first)
     noise_rows = df[(df["method"] == "ddpm") & (df["contamination"] == 0.1)].drop_duplicates(["seed", "noise"])
@@ -326,11 +325,11 @@ def report(args, data: str | None = None) -> None:
           + noise_tab.to_markdown(index=False) + "\n\n"
           + "Paired differences, the mean over seeds (min to max): a robust loss minus `mse` of the same run "
           + "(same data, same seed), simplex minus Gaussian of the same seed:\n\n"
-          + deltas(df[df["noise"] == "gaussian"], noise_rows).to_markdown(index=False) + "\n\n"
+          + deltas(gaussian, noise_rows).to_markdown(index=False) + "\n\n"
           + "Simplex minus Gaussian per defect family (pixel AUROC), the same pairs:\n\n"
           + deltas(df.iloc[:0], noise_rows, tuple(families)).to_markdown(index=False) + "\n")
     io.write_text(out / f"grid_{data}.md", md)
-    plot(df[df["noise"] == "gaussian"], args.plot_dir / f"grid_contamination_{data}.png",
+    plot(gaussian, args.plot_dir / f"grid_contamination_{data}.png",
          f"{data}: test figures against training contamination, seeds {','.join(map(str, sorted(df['seed'].unique())))}")
     print(md)
 
