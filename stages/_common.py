@@ -27,7 +27,7 @@ def run_stage(main, params_path: str | os.PathLike = "params.yaml", setup=None) 
     """Load params, call `main(params)`, and turn AnodiffError into `error: ...` + exit 2.
 
     `setup`: called once the params are read, before `main`; it returns a function to call after
-    `main` (the DDPM stages join torchrun's process group there: _ddpm.data_parallel)."""
+    `main` (the training stages join torchrun's process group there: anodiff.distributed.setup)."""
     started = time.perf_counter()
     try:
         set_threads_from_env()
@@ -45,8 +45,9 @@ def run_stage(main, params_path: str | os.PathLike = "params.yaml", setup=None) 
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    name = os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
-    print(f"{name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the stage
+        name = os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
+        print(f"{name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 #: torch threads per stage when ANODIFF_THREADS is unset: fixed, not the machine's core count, so

@@ -17,22 +17,15 @@ from anodiff.unet import UNet
 PREPARED = ROOT / "data/prepared"
 
 
-def data_parallel():
-    """run_stage's setup for the DDPM stages: with ANODIFF_NPROC=N > 1 the script runs again under
-    `torchrun --nproc_per_node=N` (this process exits with its status); under torchrun, each process
-    joins the process group (anodiff.distributed). Returns the teardown."""
-    distributed.relaunch_under_torchrun()
-    distributed.init_from_env()
-    return distributed.close
-
-
 def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1.0, lts_keep: float = 1.0):
     cfg = params.ddpm
     rows = data.load_rows(PREPARED)
     rows = rows[rows["ddpm_train"] == 1].reset_index(drop=True)
     images = data.load_images(PREPARED, rows, params.data.channels)
     n_anomalous = int((rows["label"] == "anomalous").sum())
-    print(f"{stage}: {len(rows)} training images ({n_anomalous} anomalous hidden among them), loss={loss}")
+    rank, ranks = distributed.world()
+    if rank == 0:  # rank 0 alone speaks (and writes)
+        print(f"{stage}: {len(rows)} training images ({n_anomalous} anomalous hidden among them), loss={loss}")
 
     # The same seed in both stages: identical initial weights, batches, t and noise.
     torch.manual_seed(params.seed)
@@ -44,7 +37,6 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     # killed, then rerun: go on from the last snapshot of this very run (same params, data, code)
     used = {"seed": params.seed, "channels": params.data.channels, "ddpm": to_dict(cfg), "loss": loss,
             "huber_delta": huber_delta, "lts_keep": lts_keep}
-    rank, ranks = distributed.world()
     if ranks > 1:  # under torchrun: a snapshot is of this many ranks, and every rank reads rank 0's
         used, where = {**used, "ranks": ranks}, device.type
     else:

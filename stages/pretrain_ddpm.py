@@ -2,7 +2,8 @@
 unlabeled training set (normal images plus `data.contamination` hidden anomalous ones)."""
 
 from _common import ROOT, run_stage
-from _ddpm import data_parallel, train_stage
+from _ddpm import train_stage
+from anodiff import distributed
 
 if __name__ == "__main__":
-    run_stage(lambda p: train_stage(p, "pretrain_ddpm", "mse", ROOT / "data/models/ddpm.pt"), setup=data_parallel)
+    run_stage(lambda p: train_stage(p, "pretrain_ddpm", "mse", ROOT / "data/models/ddpm.pt"), setup=distributed.setup)

@@ -6,6 +6,10 @@ the loss and critic curves, the model-selection table and a metrics JSON. The di
 comes from the DDPM checkpoint (it was trained with it). Params read: `seed`, `data.channels`,
 `gan.*`, and `infer.*`, because G is selected on val with the very maps `infer@gan` will draw
 (the `ddpm` method's map with G's noise at its level, `Detector.plan`).
+
+Under torchrun (`ANODIFF_NPROC=N dvc repro train_gan_noise`, anodiff.distributed) G and D train
+with DistributedDataParallel on shares of the same global batches; rank 0 alone selects G on
+val and writes the generator, curves and metrics.
 """
 
 import pandas as pd
@@ -13,7 +17,7 @@ import torch
 
 from _common import ROOT, run_stage, split_timing, torch_generator, write_timing
 from _live import write_live
-from anodiff import anomaly, checkpoint, data, gan, resume, select
+from anodiff import anomaly, checkpoint, data, distributed, gan, resume, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError, DataError
@@ -53,23 +57,30 @@ def main(params):
     anomalous = data.load_images(PREPARED, rows_a, channels, size)
     normal = data.load_images(PREPARED, rows_n, channels, size)
     side = cfg.crop or size  # what the networks see in training
-    print(f"{STAGE}: {len(anomalous)} anomalous, {len(normal)} normal ({int(rows_n.augmented.sum())} augmented) "
+    rank, ranks = distributed.world()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{STAGE}: {len(anomalous)} anomalous, {len(normal)} normal ({int(rows_n.augmented.sum())} augmented) "
           f"images at {size} px (training crops {side} px), t={cfg.t}, {cfg.denoise_steps} denoising steps, "
-          f"device {device}")
+          f"device {device}" + (f", {ranks} ranks" if ranks > 1 else ""))
 
     torch.manual_seed(params.seed)  # initial weights
     net = NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
     critic = Critic(channels, cfg.base_channels, spectral_norm=cfg.spectral_norm)
-    evaluate = val_evaluator(params, ddpm, ckpt, net) if cfg.eval_every else None
+    # model selection on rank 0, the rank that keeps and writes G
+    evaluate = val_evaluator(params, ddpm, ckpt, net) if cfg.eval_every and rank == 0 else None
     used = {"seed": params.seed, "channels": channels, "gan": to_dict(cfg), "infer": to_dict(params.infer)}
-    snaps = resume.for_stage(ROOT, STAGE, used, [PREPARED, DDPM], device)
+    if ranks > 1:  # as the DDPM stages: a snapshot is of this many ranks, and every rank reads rank 0's
+        used = {**used, "ranks": ranks}
+    snaps = resume.for_stage(ROOT, STAGE, used, [PREPARED, DDPM], device.type if ranks > 1 else device)
     history, summary = gan.train_gan(
         net, critic, ddpm, schedule, anomalous, normal, generator=torch_generator(params.seed, offset=2),
         device=device, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, n_critic=cfg.n_critic,
         gp_weight=cfg.gp_weight, mse_weight=cfg.mse_weight, t=cfg.t, denoise_steps=cfg.denoise_steps,
         grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE, lr_critic=cfg.lr_critic,
         ema_decay=cfg.ema_decay, evaluate=evaluate, eval_every=cfg.eval_every,
-        recompute=side >= 256, snapshots=snaps)  # paper scale: recompute, not store, activations
+        recompute=side >= 256, snapshots=snaps, progress=rank == 0)  # paper scale: recompute activations
+    if rank != 0:
+        return  # rank 0 alone writes the generator, curves and metrics
 
     checkpoint.save_generator(OUT, net, {
         "stage": STAGE, "seed": params.seed, "gan": to_dict(cfg), "t": cfg.t, "denoise_steps": cfg.denoise_steps,
@@ -130,4 +141,4 @@ def val_evaluator(params, ddpm, ckpt, net):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, setup=distributed.setup)

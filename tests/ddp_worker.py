@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (two CPU ranks, gloo) or as one plain process over the
 same global batches: a few DDPM training steps (mode `train`: rank 0 saves the weights and losses to
-argv[1]), or one global batch's gradient (mode `grad`: rank 0 saves the gradients, after DDP's all-reduce)."""
+argv[1]), one global batch's gradient (mode `grad`: rank 0 saves the gradients, after DDP's all-reduce),
+or a few GAN training steps against a frozen DDPM (mode `gan`: rank 0 saves G, D and the history)."""
 
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from anodiff import distributed  # noqa: E402
+from anodiff import distributed, gan  # noqa: E402
 from anodiff.losses import per_sample, reduce  # noqa: E402
+from anodiff.noisegen import Critic, NoiseGenerator  # noqa: E402
 from anodiff.schedule import Schedule  # noqa: E402
 from anodiff.train import train_ddpm  # noqa: E402
 from anodiff.unet import UNet  # noqa: E402
@@ -32,10 +34,32 @@ def gradients(loss: str) -> dict:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
+def gan_run(spectral_norm: bool) -> dict:
+    """Two epochs over 5 anomalous images in batches of 3 (on two ranks: 2 + 2 with one padding
+    sample, then 1 + 1), two critic steps each, 8 px crops of 16 px images, MSE through 2 DDIM steps."""
+    g = torch.Generator().manual_seed(0)
+    anomalous, normal = torch.rand(5, 1, 16, 16, generator=g) * 2 - 1, torch.rand(7, 1, 16, 16, generator=g) * 2 - 1
+    torch.manual_seed(0)
+    ddpm = UNet(1, 8, (1, 2), 1, (), 16)
+    net = NoiseGenerator(1, 8, 2, 1.5, residual=False)
+    critic = Critic(1, 8, spectral_norm=spectral_norm)
+    history, _ = gan.train_gan(net, critic, ddpm, Schedule(50), anomalous, normal,
+                               generator=torch.Generator().manual_seed(1), device="cpu", lr=1e-3, batch_size=3,
+                               epochs=2, n_critic=2, gp_weight=10.0, mse_weight=1.0, t=6, denoise_steps=2,
+                               grad_clip=1.0, crop=8, progress=False)
+    return {"net": net.state_dict(), "critic": critic.state_dict(),
+            "history": history.drop(columns=["step", "epoch"]).to_numpy().tolist()}
+
+
 def main(out: str, loss: str, mode: str = "train") -> None:
     torch.set_num_threads(1)
     distributed.init_from_env()
     try:
+        if mode == "gan":
+            result = gan_run(loss == "spectral")
+            if distributed.is_main():
+                torch.save(result, out)
+            return
         if mode == "grad":
             grads = gradients(loss)
             if distributed.is_main():

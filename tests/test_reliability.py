@@ -640,3 +640,20 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     with io.atomic_dir(tmp_path / "maps") as d:
         (d / "m.npy").write_bytes(b"m")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ddpm.pt", "maps", mine.name])
+
+
+def test_atomic_outputs_get_the_mode_a_plain_write_would(tmp_path):
+    """The temp file and folder an output is written through are private (0600, 0700); the output
+    itself gets what open() and mkdir() would give under the umask, so others can read it."""
+    old = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "m.json", {"a": 1})
+        with io.atomic_dir(tmp_path / "maps") as d:
+            (d / "m.npy").write_bytes(b"m")
+        os.umask(0o077)
+        io.write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "maps").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600

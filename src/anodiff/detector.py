@@ -17,6 +17,7 @@ from anodiff.config import Infer
 from anodiff.errors import CheckpointError
 from anodiff.noisegen import NoiseGenerator
 from anodiff.schedule import Schedule
+from anodiff.train import autocast_dtype
 from anodiff.unet import UNet
 
 
@@ -128,7 +129,7 @@ class Detector:
         self.model.eval()
         amp = config.accelerated(self.settings.amp, self.device)
         cuda = self.device.type == "cuda"
-        half = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        half = autocast_dtype(self.device)
         layout = torch.channels_last if config.accelerated(self.settings.channels_last, self.device) else None
         if layout is not None:
             self.model.to(memory_format=layout)

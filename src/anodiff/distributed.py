@@ -1,4 +1,5 @@
-"""Data-parallel DDPM training under `torchrun`, with PyTorch's own DistributedDataParallel.
+"""Data-parallel training (the DDPM stages and the GAN's) under `torchrun`, with PyTorch's own
+DistributedDataParallel.
 
     ANODIFF_NPROC=2 dvc repro pretrain_ddpm        # the stage re-launches itself under torchrun
     torchrun --standalone --nproc_per_node=2 stages/pretrain_ddpm.py   # or by hand
@@ -78,6 +79,27 @@ def init_from_env() -> bool:
 def close() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def setup():
+    """run_stage's setup for a training stage: with ANODIFF_NPROC=N > 1 the script runs again under
+    `torchrun --nproc_per_node=N` (this process exits with its status); under torchrun, each process
+    joins the process group. Returns the teardown."""
+    relaunch_under_torchrun()
+    init_from_env()
+    return close
+
+
+def my_shard(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shard` of a global batch of b samples for this rank."""
+    return shard(b, *world())
+
+
+def global_sums(values: list[torch.Tensor]) -> list[float]:
+    """The sums over every rank of 0-d tensors (one all_reduce for all of them), as floats."""
+    total = torch.stack([v.detach().float() for v in values])
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from anodiff import noise, select
+from anodiff import distributed, noise, select
 from anodiff.errors import TrainingDiverged
 from anodiff.train import random_crop
 
@@ -31,14 +31,21 @@ HISTORY_COLUMNS = ["step", "epoch", "critic_loss", "wasserstein", "grad_norm", "
 
 
 # ----------------------------------------------------------------------------- losses
-def _penalty(critic, real, fake, generator: torch.Generator):
-    """(GP, per-sample gradient norms); see gradient_penalty."""
-    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator)
+# Under torchrun (anodiff.distributed) every rank draws the whole global batch of b samples, and
+# every random number of it, exactly as one process does; `part` = (positions, valid, b) is this
+# rank's share (distributed.my_shard). The losses are then this rank's terms of the global batch's
+# means (a sum over its valid samples / b), which the ranks' terms sum to.
+def _penalty(critic, real, fake, generator: torch.Generator, part=None):
+    """(per-sample (||grad|| - 1)^2, per-sample gradient norms); see gradient_penalty."""
+    n = real.shape[0] if part is None else part[2]
+    alpha = torch.rand(n, *([1] * (real.dim() - 1)), generator=generator)
+    if part is not None:
+        alpha = alpha[part[0]]
     alpha = alpha.to(device=real.device, dtype=real.dtype)  # (B, 1, 1, 1): one weight per sample
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     norms = grad.flatten(1).norm(2, dim=1)  # (B,) over each whole flattened sample
-    return ((norms - 1) ** 2).mean(), norms.detach()
+    return (norms - 1) ** 2, norms.detach()
 
 
 def gradient_penalty(critic, real, fake, generator: torch.Generator) -> torch.Tensor:
@@ -46,40 +53,68 @@ def gradient_penalty(critic, real, fake, generator: torch.Generator) -> torch.Te
 
     Differentiable in the critic's weights (create_graph=True), as the critic step needs.
     """
-    return _penalty(critic, real, fake, generator)[0]
+    return _penalty(critic, real, fake, generator)[0].mean()
 
 
-def critic_loss(critic, real, fake, gp_weight: float, generator: torch.Generator):
+def _share(per_sample: torch.Tensor, part) -> torch.Tensor:
+    """This rank's term of the global batch's mean of `per_sample` (this rank's samples)."""
+    return (per_sample * part[1].to(per_sample.device, per_sample.dtype)).sum() / part[2]
+
+
+def critic_loss(critic, real, fake, gp_weight: float, generator: torch.Generator, part=None):
     """Report Eq. 9: mean D(fake) - mean D(real) + gp_weight * GP -> (loss, stats).
 
     `real`: normal images noised with Gaussian noise; `fake`: anomalous images noised with G's
     noise. The critic scores normal-looking inputs high. stats: floats `wasserstein`
     (mean D(real) - mean D(fake), the critic's distance estimate), `grad_norm` (mean
-    ||grad D|| at the interpolates; 1 when the penalty is satisfied) and `gp`.
+    ||grad D|| at the interpolates; 1 when the penalty is satisfied), `gp` and `critic_loss`.
+    With `part` (this rank's share, see above) the loss is this rank's term, scaled by the number
+    of ranks for DDP's gradient average, and the stats are the global batch's.
     """
-    d_real, d_fake = critic(real).mean(), critic(fake.detach()).mean()
-    gp, norms = _penalty(critic, real, fake, generator)
-    loss = d_fake - d_real + gp_weight * gp
-    stats = dict(wasserstein=(d_real - d_fake).item(), grad_norm=norms.mean().item(), gp=gp.item())
-    return loss, stats
+    if part is None:
+        d_real, d_fake = critic(real).mean(), critic(fake.detach()).mean()
+        gp, norms = _penalty(critic, real, fake, generator)
+        gp = gp.mean()
+        loss = d_fake - d_real + gp_weight * gp
+        stats = dict(critic_loss=loss.item(), wasserstein=(d_real - d_fake).item(), grad_norm=norms.mean().item(),
+                     gp=gp.item())
+        return loss, stats
+    d_real, d_fake = critic(real), critic(fake.detach())
+    gp, norms = _penalty(critic, real, fake, generator, part)
+    loss = _share(d_fake - d_real + gp_weight * gp, part)
+    totals = distributed.global_sums([loss, _share(d_real - d_fake, part), _share(norms, part), _share(gp, part)])
+    stats = dict(zip(("critic_loss", "wasserstein", "grad_norm", "gp"), totals))
+    return loss * distributed.world()[1], stats
 
 
-def _fake(net, schedule, x, t: int, generator: torch.Generator):
-    """(x noised to t with G's noise, the Gaussian eps drawn for it).
+def _fake(net, schedule, x, t: int, generator: torch.Generator, part=None):
+    """(x noised to t with G's noise, the Gaussian eps drawn for it): this rank's share with `part`
+    (the noise is drawn for the whole global batch x all the same).
 
     eps is drawn for every G, residual or not: the MSE target needs it."""
     eps = noise.for_batch(x, generator)
+    if part is not None:
+        x, eps = x[part[0].to(x.device)], eps[part[0].to(x.device)]
     return schedule.add_noise(x, net(x, eps), t), eps
 
 
 def generator_terms(net, critic, ddpm, schedule, anomalous, t: int, steps: int, generator: torch.Generator,
-                    recompute: bool = False):
+                    recompute: bool = False, part=None):
     """(adversarial term -mean D(fake), MSE term): both differentiable in G's weights.
 
     The MSE's prediction is denoised with gradients through the frozen DDPM (recompute: see
     Schedule.denoise); its target, under no_grad, is the DDPM's own reconstruction of the same
-    image noised with Gaussian noise.
+    image noised with Gaussian noise. With `part`: this rank's terms of the global batch's
+    (their sums over the ranks are the global terms).
     """
+    if part is not None:
+        fake, eps = _fake(net, schedule, anomalous, t, generator, part)
+        x = anomalous[part[0].to(anomalous.device)]
+        adv = _share(-critic(fake), part)
+        recon = schedule.denoise(ddpm, fake, t, steps, recompute=recompute)
+        with torch.no_grad():
+            target = schedule.denoise(ddpm, schedule.add_noise(x, eps, t), t, steps)
+        return adv, _share((recon - target).pow(2).flatten(1).mean(dim=1), part)
     # Why this target: the report's "MSE between the DDPM's output for the anomalous input and
     # its output for a normal input", read literally, pairs image i with an unrelated normal
     # image, which pulls every reconstruction to the mean normal image and erases the texture
@@ -147,6 +182,12 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     over its steps. A non-finite loss or gradient raises TrainingDiverged naming the step and
     the losses. The DDPM's weights are checked bit-identical at the end. `snapshots`
     (resume.Snapshots): save the state at epochs' ends, and resume from it when it matches.
+
+    Under torchrun (anodiff.distributed) G and D are wrapped in DistributedDataParallel and each
+    rank computes its share of every global batch, which every rank draws whole (see `part`
+    above): the weights follow a one-process run up to float rounding, and the global batch stays
+    `batch_size`. Rank 0 alone saves snapshots; pass `evaluate` on rank 0 only (it selects and
+    keeps G there, the rank that writes it).
     """
     device = torch.device(device)
     net.to(device).train()
@@ -160,6 +201,7 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
     opt_g = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(critic.parameters(), lr=lr if lr_critic is None else lr_critic, betas=(0.5, 0.9))
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay > 0 else None
+    rank, ranks = distributed.world()
     candidates, kept = [], {}  # model selection: every candidate's val figures; the kept one's weights
 
     def consider(at_step: int) -> None:
@@ -194,6 +236,9 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
         rows, candidates[:] = state["rows"], state["candidates"]
         kept.update(state["kept"])
         step, first_epoch, before = state["step"], state["epoch"], state["seconds"]
+    # DDP where gradients are all-reduced: G in its own step, D in the critic's. G's no-grad calls and
+    # D's frozen use in G's step go to the plain modules (a DDP forward would wait for a backward)
+    g_net, d_net = (distributed.wrap(net, device), distributed.wrap(critic, device)) if ranks > 1 else (net, critic)
     started = time.perf_counter()
 
     def guard(what: str, value: float, **losses):
@@ -216,15 +261,18 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
             for start in range(0, n_a, bs):
                 idx = perm[start:start + bs]
                 b = len(idx)
+                part = (*distributed.my_shard(b), b) if ranks > 1 else None
                 crit = []
                 for _ in range(n_critic):
                     x_a = batch(anomalous, _sample(n_a, b, generator))
                     x_n = batch(normal, _sample(n_n, b, generator))
                     with torch.no_grad():
-                        fake = _fake(net, schedule, x_a, t, generator)[0]
-                    real = schedule.add_noise(x_n, noise.for_batch(x_n, generator), t)
-                    loss_d, stats = critic_loss(critic, real, fake, gp_weight, generator)
-                    stats = dict(critic_loss=loss_d.item(), **stats)
+                        fake = _fake(net, schedule, x_a, t, generator, part)[0]
+                    eps_n = noise.for_batch(x_n, generator)
+                    if part is not None:
+                        x_n, eps_n = x_n[part[0].to(device)], eps_n[part[0].to(device)]
+                    real = schedule.add_noise(x_n, eps_n, t)
+                    loss_d, stats = critic_loss(d_net, real, fake, gp_weight, generator, part)
                     guard("critic loss", stats["critic_loss"], **stats)
                     _step(opt_d, critic, loss_d, grad_clip, lambda n: guard("critic gradient norm", n, **stats))
                     crit.append(stats)
@@ -234,10 +282,14 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                 # so a seed gives the same draws (and weights) as before
                 batch(normal, _sample(n_n, b, generator))
                 critic.requires_grad_(False)  # the G step needs gradients through D, not for D
-                adv, mse = generator_terms(net, critic, ddpm, schedule, x_a, t, denoise_steps, generator, recompute)
+                adv, mse = generator_terms(g_net, critic, ddpm, schedule, x_a, t, denoise_steps, generator, recompute,
+                                           part)
                 loss_g = adv + mse_weight * mse
-                losses = dict(gen_loss=loss_g.item(), adversarial=adv.item(), mse=mse.item(),
-                              critic_loss=crit[-1]["critic_loss"])
+                values = [loss_g.item(), adv.item(), mse.item()] if part is None else \
+                    distributed.global_sums([loss_g, adv, mse])
+                losses = dict(zip(("gen_loss", "adversarial", "mse"), values), critic_loss=crit[-1]["critic_loss"])
+                if ranks > 1:
+                    loss_g = loss_g * ranks  # DDP averages the ranks' gradients: this rank's term, scaled
                 guard("generator loss", losses["gen_loss"], **losses)
                 _step(opt_g, net, loss_g, grad_clip, lambda n: guard("generator gradient norm", n, **losses))
                 critic.requires_grad_(True)
@@ -253,7 +305,7 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                 bar.set_postfix(W=f"{row['wasserstein']:.3f}", G=f"{row['gen_loss']:.3f}", mse=f"{row['mse']:.4f}")
                 if eval_every and step % eval_every == 0:
                     consider(step)
-            if snapshots is not None and epoch + 1 < epochs:
+            if snapshots is not None and epoch + 1 < epochs and rank == 0:
                 snapshots.maybe_save(lambda: {
                     "net": net.state_dict(), "critic": critic.state_dict(), "opt_g": opt_g.state_dict(),
                     "opt_d": opt_d.state_dict(), "ema": ema.state_dict() if ema is not None else {},

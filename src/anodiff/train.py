@@ -29,6 +29,12 @@ def pick_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision's dtype on `device`: bfloat16, or float16 on a GPU without bfloat16
+    (training then scales its loss: GradScaler)."""
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
 @dataclass
 class TrainResult:
     ema_model: torch.nn.Module  # the EMA copy, in eval mode: use it for inference
@@ -96,7 +102,7 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
     device = torch.device(device) if device is not None else pick_device()
     layout = torch.channels_last if channels_last else torch.preserve_format
     model.to(device, memory_format=layout).train()
-    half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    half = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and half == torch.float16)
     lazy = device.type == "cuda"  # no per-step synchronisation
     rank, ranks = distributed.world()
