@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -91,6 +92,27 @@ def test_training_curves_are_dvclive_files(repo):
 
 def test_pipeline_is_clean_after_repro(repo):
     assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+
+
+def test_training_stages_run_under_torchrun_from_the_environment(repo, tmp_path):
+    """ANODIFF_NPROC=2: each training stage re-launches itself under torchrun (two gloo ranks), rank
+    0 alone speaks and writes, and what it writes loads (the unit tests of anodiff.distributed check
+    that the weights are a one-process run's). On a copy of the reproduced repository."""
+    from anodiff import checkpoint
+    from anodiff.noisegen import NoiseGenerator
+    from anodiff.unet import UNet
+
+    d = tmp_path / "copy"
+    shutil.copytree(repo, d, ignore=shutil.ignore_patterns("cache", "tmp"))
+    for stage, out, cls in (("pretrain_ddpm", "data/models/ddpm.pt", UNet),
+                            ("train_gan_noise", "data/models/gan_generator.pt", NoiseGenerator)):
+        (d / out).unlink()
+        res = sh("python", f"stages/{stage}.py", cwd=d, env={"ANODIFF_NPROC": "2", "ANODIFF_THREADS": "1"})
+        said = res.stdout + res.stderr
+        assert said.count(f"{stage}: done in") == 1, said[-2000:]
+        assert len(re.findall(rf"^{stage}: .*(final loss|kept step)", res.stdout, re.M)) == 1, said[-2000:]
+        checkpoint.load(d / out, cls)
+    assert "selected_step" in json.loads((d / "metrics/train_gan_noise.json").read_text())
 
 
 def test_typo_in_params_is_refused_naming_the_key(repo):
