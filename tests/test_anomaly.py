@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from anodiff import anomaly
-from anodiff.detector import Detector
+from anodiff.detector import Detector, memory_format
+from anodiff.gan import state_checksum
 from conftest import infer_settings
 from anodiff.schedule import Schedule
 from anodiff.unet import UNet
@@ -228,7 +229,8 @@ def test_detector_same_seed_same_maps():
 def test_detector_batches_a_levels_draws_into_one_reconstruction_with_the_same_maps():
     """batch_draws (the default on CUDA): a level's noise draws, drawn in the same order, go through
     the DDPM as one batch; the maps are the one-by-one maps up to the batched convolutions' rounding."""
-    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=3, batch_size=2)
+    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=3, batch_size=2,
+                              channels_last=False)  # the stand-in model below has no .to()
     det = _detector(settings=settings)
     x = _images(n=3)
     calls = []
@@ -244,6 +246,27 @@ def test_detector_batches_a_levels_draws_into_one_reconstruction_with_the_same_m
     assert calls[:3] == [6, 6, 6]  # level 3 (1 step), then level 6 (2 steps): 3 draws x 2 images a call
     torch.testing.assert_close(together[0], one[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together[1], one[1], rtol=1e-4, atol=1e-5)
+
+
+def test_detector_in_channels_last_draws_the_same_maps_and_gives_the_model_back_as_it_was():
+    """infer.channels_last (on by default, CPU included): the same maps up to the convolutions'
+    rounding, and the model, which train_gan_noise shares with its training, keeps its layout and
+    its bits."""
+    x = _images(n=4)
+    plain = _detector(settings=infer_settings(t_start=5, n_seeds=2, batch_size=3, channels_last=False))
+    nhwc = _detector(settings=infer_settings(t_start=5, n_seeds=2, batch_size=3, channels_last=True))
+    nhwc.model.load_state_dict(plain.model.state_dict())
+    before = state_checksum(nhwc.model)
+    a = plain.raw_maps(x, torch.Generator().manual_seed(3), progress=False)
+    b = nhwc.raw_maps(x, torch.Generator().manual_seed(3), progress=False)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-6)
+    assert memory_format(nhwc.model) == torch.contiguous_format
+    assert nhwc.model.conv_in.weight.is_contiguous()
+    assert state_checksum(nhwc.model) == before
+    nhwc.model.to(memory_format=torch.channels_last)  # a model kept in channels_last stays so
+    nhwc.raw_maps(x, torch.Generator().manual_seed(3), progress=False)
+    assert memory_format(nhwc.model) == torch.channels_last
 
 
 def test_detector_plan():

@@ -271,3 +271,13 @@ def test_pick_candidate_rules():
     assert pick_candidate([noisy, row(0.52, 0.56), row(0.52, 0.60)]) == 2  # 0.06 > 0.05
     with pytest.raises(ValueError):
         pick_candidate([])
+
+
+def test_state_checksum_is_the_weights_not_their_layout():
+    torch.manual_seed(0)
+    net = UNet(3, 8, (1, 2), 1, (), 16)
+    plain = G.state_checksum(net)
+    assert G.state_checksum(net.to(memory_format=torch.channels_last)) == plain  # 1x1 kernels included
+    with torch.no_grad():
+        net.conv_in.bias[0] += 1e-6
+    assert G.state_checksum(net) != plain

@@ -21,6 +21,15 @@ from anodiff.train import autocast_dtype
 from anodiff.unet import UNet
 
 
+def memory_format(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last if the model's first convolution kernel (wider than 1x1) is stored so, else contiguous."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1:
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 @dataclass
 class Detector:
     model: torch.nn.Module
@@ -127,12 +136,22 @@ class Detector:
         noise draws), and the first reconstruction (N, C, H, W). `only`: just these levels (T of
         them, in plan order), as GAN model selection recomputes the generator's level alone."""
         self.model.eval()
+        layout = torch.channels_last if config.accelerated(self.settings.channels_last, self.device) else None
+        # the model in that layout for these maps only: it may be shared (train_gan_noise trains G through
+        # the same DDPM, and an inference setting must not change how training computes)
+        before = memory_format(self.model) if layout is not None else None
+        if layout is not None and before != layout:
+            self.model.to(memory_format=layout)
+        try:
+            return self._raw_maps(images, generator, progress, desc, only, layout)
+        finally:
+            if layout is not None and before != layout:
+                self.model.to(memory_format=before)
+
+    def _raw_maps(self, images, generator, progress, desc, only, layout):
         amp = config.accelerated(self.settings.amp, self.device)
         cuda = self.device.type == "cuda"
         half = autocast_dtype(self.device)
-        layout = torch.channels_last if config.accelerated(self.settings.channels_last, self.device) else None
-        if layout is not None:
-            self.model.to(memory_format=layout)
         maps, recons = [], []
         bs = self.settings.batch_size
         together = (cuda if self.batch_draws is None else self.batch_draws) and not self.full_chain

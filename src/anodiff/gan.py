@@ -133,11 +133,12 @@ def generator_terms(net, critic, ddpm, schedule, anomalous, t: int, steps: int, 
 
 # ----------------------------------------------------------------------------- training
 def state_checksum(module: nn.Module) -> str:
-    """sha256 of every parameter and buffer, bit for bit (names included)."""
+    """sha256 of every parameter and buffer, bit for bit (names included), whatever their memory
+    layout (channels_last weights give the checksum of the same weights stored contiguously)."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
