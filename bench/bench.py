@@ -67,14 +67,18 @@ GOALS = {"repro_seconds": ("<=", 300), "peak_rss_mb": ("<=", 2048), "infer_speed
          "evaluate_peak_mb": ("<=", 2048)}
 
 
-def median_seconds(fn, repeats: int) -> float:
+def seconds_each(fn, repeats: int) -> list[float]:
     fn()  # warm-up: first calls allocate and pick kernels
     times = []
     for _ in range(repeats):
         tick = time.perf_counter()
         fn()
         times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    return statistics.median(seconds_each(fn, repeats))
 
 
 def _mb(kib: int) -> float:
@@ -105,7 +109,9 @@ def repro(threads: int, keep: Path | None) -> tuple[dict, Path]:
 
 
 # ----------------------------------------------------------------------------- training
-def training(params, device, steps: int) -> dict:
+def training(params, device, steps: int, rounds: int = 3) -> dict:
+    """The real loop and the bare one in turn, `rounds` times `steps` steps each: on a shared machine
+    whose speed drifts, alternating keeps the drift out of their ratio (medians over all steps)."""
     ddpm, channels, size = params.ddpm, params.data.channels, params.data.image_size
     batch, crop = ddpm.batch_size, ddpm.train_crop if ddpm.train_crop < size else 0
     gen = torch.Generator().manual_seed(0)
@@ -117,11 +123,6 @@ def training(params, device, steps: int) -> dict:
         torch.manual_seed(0)
         return UNet(channels, ddpm.base_channels, list(ddpm.channel_mults), ddpm.num_res_blocks,
                     list(ddpm.attention_resolutions), size)
-
-    res = train_ddpm(unet(), schedule, images, loss="mse", noise=ddpm.noise, noise_kw=kw, generator=gen, epochs=1,
-                     batch_size=batch, lr=ddpm.lr, grad_clip=ddpm.grad_clip, ema_decay=ddpm.ema_decay,
-                     train_crop=crop, device=device, stage_name="bench", progress=False)
-    step_s = statistics.median((batch / res.history.images_per_s.iloc[1:]).tolist())
 
     # the bare loop: the same network and batch, inputs made beforehand
     model = unet().to(device).train()
@@ -139,7 +140,14 @@ def training(params, device, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    bare_s = median_seconds(bare, steps)
+    real_times, bare_times = [], []
+    for _ in range(rounds):
+        res = train_ddpm(unet(), schedule, images, loss="mse", noise=ddpm.noise, noise_kw=kw, generator=gen,
+                         epochs=1, batch_size=batch, lr=ddpm.lr, grad_clip=ddpm.grad_clip, ema_decay=ddpm.ema_decay,
+                         train_crop=crop, device=device, stage_name="bench", progress=False)
+        real_times += (batch / res.history.images_per_s.iloc[1:]).tolist()  # the first step is the warm-up
+        bare_times += seconds_each(bare, steps)
+    step_s, bare_s = statistics.median(real_times), statistics.median(bare_times)
     shape = torch.zeros(batch, channels, crop or size, crop or size)  # one training batch
     simplex_kw = {**noise_kwargs("simplex", ddpm), "image_size": size}  # a crop's noise has the image's scale
     simplex_s = median_seconds(lambda: for_batch(shape, gen, kind="simplex", simplex_kw=simplex_kw), 5)
@@ -217,7 +225,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-repro", action="store_true",
                     help="skip the dvc repro; the inference figures use this checkout's data/ (run dvc repro first)")
     ap.add_argument("--keep", type=Path, default=None, help="clone into this new folder and keep it")
-    ap.add_argument("--train-steps", type=int, default=6, help="training steps timed (plus one warm-up)")
+    ap.add_argument("--train-steps", type=int, default=6, help="training steps timed a round (plus one warm-up)")
+    ap.add_argument("--train-rounds", type=int, default=3, help="rounds of the real and the bare loop, in turn")
     ap.add_argument("--infer-images", type=int, default=32, help="test images for infer_maps_per_s")
     ap.add_argument("--chain-images", type=int, default=8, help="test images for the full-chain comparison")
     ap.add_argument("--eval-maps", type=int, default=500)
@@ -234,7 +243,7 @@ def main(argv=None) -> None:
     if not args.no_repro:
         figures, repo = repro(threads, args.keep)
         out.update(figures)
-    out.update(training(params, device, args.train_steps))
+    out.update(training(params, device, args.train_steps, args.train_rounds))
     out.update(inference(params, repo, device, args.infer_images, args.chain_images))
     out.update(evaluation(args.eval_maps, args.eval_size))
     if repo != ROOT and args.keep is None:
