@@ -35,12 +35,15 @@ HISTORY_COLUMNS = ["step", "epoch", "critic_loss", "wasserstein", "grad_norm", "
 # every random number of it, exactly as one process does; `part` = (positions, valid, b) is this
 # rank's share (distributed.my_shard). The losses are then this rank's terms of the global batch's
 # means (a sum over its valid samples / b), which the ranks' terms sum to.
+def _mine(tensor: torch.Tensor, part) -> torch.Tensor:
+    """This rank's samples of a global batch (all of them without `part`)."""
+    return tensor if part is None else tensor[part[0].to(tensor.device)]
+
+
 def _penalty(critic, real, fake, generator: torch.Generator, part=None):
     """(per-sample (||grad|| - 1)^2, per-sample gradient norms); see gradient_penalty."""
     n = real.shape[0] if part is None else part[2]
-    alpha = torch.rand(n, *([1] * (real.dim() - 1)), generator=generator)
-    if part is not None:
-        alpha = alpha[part[0]]
+    alpha = _mine(torch.rand(n, *([1] * (real.dim() - 1)), generator=generator), part)
     alpha = alpha.to(device=real.device, dtype=real.dtype)  # (B, 1, 1, 1): one weight per sample
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
@@ -93,8 +96,7 @@ def _fake(net, schedule, x, t: int, generator: torch.Generator, part=None):
 
     eps is drawn for every G, residual or not: the MSE target needs it."""
     eps = noise.for_batch(x, generator)
-    if part is not None:
-        x, eps = x[part[0].to(x.device)], eps[part[0].to(x.device)]
+    x, eps = _mine(x, part), _mine(eps, part)
     return schedule.add_noise(x, net(x, eps), t), eps
 
 
@@ -109,7 +111,7 @@ def generator_terms(net, critic, ddpm, schedule, anomalous, t: int, steps: int, 
     """
     if part is not None:
         fake, eps = _fake(net, schedule, anomalous, t, generator, part)
-        x = anomalous[part[0].to(anomalous.device)]
+        x = _mine(anomalous, part)
         adv = _share(-critic(fake), part)
         recon = schedule.denoise(ddpm, fake, t, steps, recompute=recompute)
         with torch.no_grad():
@@ -270,9 +272,7 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, generator: torc
                     with torch.no_grad():
                         fake = _fake(net, schedule, x_a, t, generator, part)[0]
                     eps_n = noise.for_batch(x_n, generator)
-                    if part is not None:
-                        x_n, eps_n = x_n[part[0].to(device)], eps_n[part[0].to(device)]
-                    real = schedule.add_noise(x_n, eps_n, t)
+                    real = schedule.add_noise(_mine(x_n, part), _mine(eps_n, part), t)
                     loss_d, stats = critic_loss(d_net, real, fake, gp_weight, generator, part)
                     guard("critic loss", stats["critic_loss"], **stats)
                     _step(opt_d, critic, loss_d, grad_clip, lambda n: guard("critic gradient norm", n, **stats))
