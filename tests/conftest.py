@@ -53,13 +53,24 @@ def infer_settings(**over):
 
 @pytest.fixture(scope="session")
 def workflow_repo(tmp_path_factory):
-    """(repository, log): the tracked files with the tiny params (plus one noise level and one draw:
-    DVC's bookkeeping, not the maps), `dvc repro` once and committed. Shared by test_dvc_workflow.py
-    and test_reliability.py's determinism check, which puts it back to that commit first."""
-    from tinyrepo import FASTER, make, sh
+    """(repository, log): the tracked files with the tiny params (.ci/params-tiny.yaml, the CI
+    workflow's profile: the default infer plan, two levels, one guided), `dvc repro` once and
+    committed. One tiny run for the whole session (each costs about two minutes on 2 cores, most of
+    it process start-up): test_pipeline.py and test_dvc_workflow.py read and change it, and
+    test_reliability.py's determinism check reproduces it again; a test that needs the committed
+    run puts it back first (`back_to_the_committed_run`)."""
+    from tinyrepo import make, sh
 
-    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",), extra=FASTER)
+    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",))
     res = sh("dvc", "repro", cwd=d)
     sh("git", "add", "-A", cwd=d)
     sh("git", "commit", "-qm", "repro", cwd=d)
     return d, res.stdout + res.stderr
+
+
+def back_to_the_committed_run(d):
+    """The workflow repository as committed after its repro: other tests ran experiments in it."""
+    from tinyrepo import sh
+
+    sh("git", "checkout", "-f", "HEAD", "--", ".", cwd=d)
+    sh("dvc", "checkout", "-f", cwd=d)

@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under torchrun (two CPU ranks, gloo) or as one plain process over the
-same global batches: a few DDPM training steps (mode `train`: rank 0 saves the weights and losses to
-argv[1]), one global batch's gradient (mode `grad`: rank 0 saves the gradients, after DDP's all-reduce),
-or a few GAN training steps against a frozen DDPM (mode `gan`: rank 0 saves G, D and the history)."""
+same global batches, once for all its jobs (each launch costs seconds of imports): one global batch's
+gradient with the lts loss (`grad-lts`: the gradients after DDP's all-reduce), a few DDPM training
+steps (`train-mse`: the weights and losses) and a few GAN training steps against a frozen DDPM, with
+a plain and a spectral-norm critic (`gan-plain`, `gan-spectral`: G, D and the history). Rank 0 saves
+each job's result to <argv[1]>/<job>.pt."""
 
 import sys
 from pathlib import Path
@@ -51,30 +53,29 @@ def gan_run(spectral_norm: bool) -> dict:
             "history": history.drop(columns=["step", "epoch"]).to_numpy().tolist()}
 
 
-def main(out: str, loss: str, mode: str = "train") -> None:
+def ddpm_run(loss: str) -> dict:
+    images = torch.rand(11, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(0)
+    model = UNet(1, 8, (1, 2), 1, (), 16)
+    result = train_ddpm(model, Schedule(50), images, loss=loss, noise="gaussian",
+                        generator=torch.Generator().manual_seed(1), epochs=2, batch_size=5, lr=1e-3,
+                        grad_clip=1.0, ema_decay=0.9, train_crop=8, lts_keep=0.6, device="cpu", progress=False)
+    return {"model": result.model.state_dict(), "ema": result.ema_model.state_dict(),
+            "loss": result.history.loss.tolist()}
+
+
+JOBS = {"grad-lts": lambda: gradients("lts"), "train-mse": lambda: ddpm_run("mse"),
+        "gan-plain": lambda: gan_run(False), "gan-spectral": lambda: gan_run(True)}
+
+
+def main(out: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env()
     try:
-        if mode == "gan":
-            result = gan_run(loss == "spectral")
+        for name, job in JOBS.items():
+            result = job()
             if distributed.is_main():
-                torch.save(result, out)
-            return
-        if mode == "grad":
-            grads = gradients(loss)
-            if distributed.is_main():
-                torch.save(grads, out)
-            return
-        images = torch.rand(11, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        torch.manual_seed(0)
-        model = UNet(1, 8, (1, 2), 1, (), 16)
-        result = train_ddpm(model, Schedule(50), images, loss=loss, noise="gaussian",
-                            generator=torch.Generator().manual_seed(1), epochs=2, batch_size=5, lr=1e-3,
-                            grad_clip=1.0, ema_decay=0.9, train_crop=8, lts_keep=0.6, device="cpu",
-                            progress=False)
-        if distributed.is_main():
-            torch.save({"model": result.model.state_dict(), "ema": result.ema_model.state_dict(),
-                        "loss": result.history.loss.tolist()}, out)
+                torch.save(result, Path(out) / f"{name}.pt")
     finally:
         distributed.close()
 

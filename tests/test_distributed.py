@@ -45,32 +45,39 @@ def test_nproc_from_env(monkeypatch):
         distributed.nproc_from_env()
 
 
-def _run(out, *args, ranks=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("ANODIFF_NPROC", None)
-    launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    subprocess.run([sys.executable, *launch, str(WORKER), str(out), *args], check=True, env=env, timeout=300,
-                   capture_output=True)
-    return torch.load(out, weights_only=True)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{ranks: {job: result}}: tests/ddp_worker.py's jobs as one plain process and under torchrun
+    with two gloo ranks (one launch each: every launch costs seconds of imports)."""
+    found = {}
+    for ranks in (1, 2):
+        out = tmp_path_factory.mktemp(f"ranks{ranks}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("ANODIFF_NPROC", None)
+        launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        res = subprocess.run([sys.executable, *launch, str(WORKER), str(out)], env=env, timeout=600,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        found[ranks] = {f.stem: torch.load(f, weights_only=True) for f in out.glob("*.pt")}
+    return found
 
 
-@pytest.mark.parametrize("loss", ["lts"])  # huber and mse: test_shares_of_a_mean_loss_sum_to_the_global_loss
-def test_two_gloo_ranks_give_the_global_batch_gradient(tmp_path, loss):
+def test_two_gloo_ranks_give_the_global_batch_gradient(runs):
     """7 images over 2 ranks (4 and 3, one padding sample): after DDP's all-reduce every parameter's
     gradient is the one-process gradient of the same global batch; lts keeps the global lowest 60%."""
-    one, two = _run(tmp_path / "one.pt", loss, "grad"), _run(tmp_path / "two.pt", loss, "grad", ranks=2)
+    # lts: the hardest loss to split (huber and mse: test_shares_of_a_mean_loss_sum_to_the_global_loss)
+    one, two = runs[1]["grad-lts"], runs[2]["grad-lts"]
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("loss", ["mse"])
-def test_two_gloo_ranks_under_torchrun_train_the_single_process_network(tmp_path, loss):
+def test_two_gloo_ranks_under_torchrun_train_the_single_process_network(runs):
     """Six steps (batches of 5, 5 and 1 image, twice; the last leaves one rank all padding): the same
     global losses, and the trained networks compute the same function. Weights are compared through
     the network's output: Adam turns the float noise of a gradient that is zero in exact arithmetic
     (a bias just before a GroupNorm) into steps of size lr, which moves such a weight but not the output."""
-    a, b = _run(tmp_path / "single.pt", loss), _run(tmp_path / "ddp.pt", loss, ranks=2)
+    a, b = runs[1]["train-mse"], runs[2]["train-mse"]
     assert len(a["loss"]) == len(b["loss"]) == 6
     torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=1e-5, atol=1e-6)
     from anodiff.unet import UNet
@@ -91,13 +98,12 @@ def test_two_gloo_ranks_under_torchrun_train_the_single_process_network(tmp_path
 
 
 @pytest.mark.parametrize("critic", ["plain", "spectral"])
-def test_two_gloo_ranks_train_the_single_process_gan(tmp_path, critic):
+def test_two_gloo_ranks_train_the_single_process_gan(runs, critic):
     """train_gan under torchrun: four generator steps (batches of 3 and 2, one rank padded in the
     first), two critic steps each with their gradient penalty, MSE through the frozen DDPM. The
     global batch's losses are the one process's at every step, and G and D compute the same
     functions after training (compared through their outputs, as above)."""
-    a = _run(tmp_path / "one.pt", critic, "gan")
-    b = _run(tmp_path / "two.pt", critic, "gan", ranks=2)
+    a, b = runs[1][f"gan-{critic}"], runs[2][f"gan-{critic}"]
     # columns critic_loss, wasserstein, grad_norm, gen_loss, mse; one row per generator step
     assert len(a["history"]) == len(b["history"]) == 4
     torch.testing.assert_close(torch.tensor(b["history"]), torch.tensor(a["history"]), rtol=1e-4, atol=1e-5)

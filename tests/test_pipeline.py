@@ -17,6 +17,7 @@ import yaml
 
 # the tiny copy of the repository, its environment and the tiny profile, shared with
 # test_dvc_workflow.py; TINY_SCRIPT, PROFILE and merge are the CI workflow's (test_ci_workflow.py)
+from conftest import back_to_the_committed_run
 from tinyrepo import ENV, PROFILE, ROOT, TINY_SCRIPT, make, sh, tiny_params  # noqa: F401
 
 # quality figures only: seconds_per_image is in metrics/timing/infer_<method>.json (test_dvc_workflow.py)
@@ -27,9 +28,11 @@ merge = tiny_params.merge
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    d = make(tmp_path_factory.mktemp("pipeline"))
-    sh("dvc", "repro", cwd=d)
+def repo(workflow_repo):
+    """The session's tiny reproduced repository (conftest.py), as committed after its repro; the
+    tests below run in this order on it, the last leaving an experiment's results."""
+    d, _ = workflow_repo
+    back_to_the_committed_run(d)
     return d
 
 

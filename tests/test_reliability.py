@@ -36,7 +36,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import ROOT, _merge
+from conftest import ROOT, _merge, back_to_the_committed_run
 from test_checkpoint import _save_generator
 from test_data import make_mvtec, square_mask
 from test_predict import _argv, _image, _save_ckpt, _save_maps
@@ -437,8 +437,7 @@ def _bytes_of_a_run(d):
 
 def test_repro_twice_gives_the_same_bytes_and_a_clean_status(workflow_repo):
     d, _ = workflow_repo
-    sh("git", "checkout", "-f", "HEAD", "--", ".", cwd=d)  # back to the committed run: other tests ran experiments
-    sh("dvc", "checkout", "-f", cwd=d)
+    back_to_the_committed_run(d)
     assert json.loads(sh("dvc", "status", "--json", cwd=d).stdout) == {}
     hashes, files = _bytes_of_a_run(d)
     sh("dvc", "repro", "-f", cwd=d)

@@ -19,8 +19,6 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.env
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "PYTHONHASHSEED": "0"}
 TINY_SCRIPT = ROOT / ".ci" / "tiny_params.py"
-# the tiny profile plus one noise level and one draw, for the tests of DVC's bookkeeping (not the maps)
-FASTER = {"infer": {"t_starts": [], "level_steps": [], "guidance": [], "n_seeds": 1}}
 PROFILE = ROOT / ".ci" / "params-tiny.yaml"
 
 
