@@ -143,7 +143,7 @@ def test_tiny_step_run_on_a_copy_gives_valid_params(steps, tmp_path):
     params = load_params(tmp_path / "params.yaml")
     assert params.data.image_size == 32 and params.ddpm.epochs == 1 and params.gan.n_blocks == 1
     assert params.ddpm.channel_mults in ([1, 2], (1, 2))
-    # the same params test_pipeline.py's fixture writes
+    # the same params the tests' tiny repository gets (tinyrepo.make, conftest.workflow_repo)
     expected = test_pipeline.merge(yaml.safe_load((ROOT / "params.yaml").read_text()), test_pipeline.TINY)
     assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == expected
     assert (tmp_path / "params.yaml").read_text() == test_pipeline.tiny_params.dump(expected)

@@ -1,4 +1,5 @@
-"""One tiny end-to-end run of the real pipeline with DVC, in a temporary git repo.
+"""The session's tiny end-to-end run of the real pipeline with DVC, in a temporary git repo
+(conftest.workflow_repo, shared with test_dvc_workflow.py and the determinism check).
 
 Tiny params (.ci/params-tiny.yaml: 32 px, a UNet of width 8, one epoch) keep it to a minute or
 two on 2 CPU cores; the point is the wiring: every stage runs, every metrics key is written, the
@@ -13,12 +14,10 @@ import re
 import shutil
 
 import pytest
-import yaml
 
-# the tiny copy of the repository, its environment and the tiny profile, shared with
-# test_dvc_workflow.py; TINY_SCRIPT, PROFILE and merge are the CI workflow's (test_ci_workflow.py)
 from conftest import back_to_the_committed_run
-from tinyrepo import ENV, PROFILE, ROOT, TINY_SCRIPT, make, sh, tiny_params  # noqa: F401
+# the tiny profile and its script; TINY_SCRIPT, PROFILE and merge are the CI workflow's (test_ci_workflow.py)
+from tinyrepo import PROFILE, TINY_SCRIPT, sh, tiny_params  # noqa: F401
 
 # quality figures only: seconds_per_image is in metrics/timing/infer_<method>.json (test_dvc_workflow.py)
 KEYS = {"pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
