@@ -10,11 +10,17 @@ MVTec-layout folder under `--data-dir`, then runs the pipeline with default para
 
     dvc exp run --temp -f -n rp-<category>-s<seed> -S data.source=<folder> -S data.layout=mvtec -S seed=<seed>
 
+The category `elpv` (`elpv_data.py`: real electroluminescence images of monocrystalline solar
+cells, real defects, image-level labels only) is a `folder`-layout folder instead
+(`-S data.layout=folder`); its pip package (CC BY-NC-SA, no project requirement) is installed on
+demand, and its pixel metrics are null.
+
 (`--temp` runs in a scratch copy, so the workspace is left as it is; each run stays a DVC
 experiment you can `dvc exp show`.) It reads every method's `metrics/<method>.json` back from the
 experiment and writes `bench/realphoto.json`, `{category: {method: metrics}}` (the mean over
 seeds; per-seed figures under `per_seed`, their spread under `spread`), and
-`bench/realphoto_run.json` (`<out>_run.json` for another `--out`: how long it took, the commands), then prints one table.
+`bench/realphoto_run.json` (`<out>_run.json` for another `--out`: how long it took, the commands;
+for elpv under `data`, how many mono cells there were and were sampled), then prints one table.
 Settings are chosen on each category's val split by the pipeline itself; test is report-only.
 """
 
@@ -36,9 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import io  # noqa: E402
-from realphoto_data import CATEGORIES, build_category  # noqa: E402
+import elpv_data  # noqa: E402
+from realphoto_data import CATEGORIES as PHOTO_CATEGORIES, build_category  # noqa: E402
 
-METHODS = ("ddpm", "rddpm", "gan")
+CATEGORIES = PHOTO_CATEGORIES + (elpv_data.CATEGORY,)
+METHODS = ("ddpm", "rddpm", "gan", "patchcore")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap")
 # the goals of the benchmark (README, results): every category must reach these
 TARGETS = {"pixel_auroc": 0.93, "aupro": 0.80, "image_auroc": 0.90, "per_defect_pixel_auroc": 0.85}
@@ -84,28 +92,40 @@ def _spread(values):
     return [float(min(values)), float(max(values))] if values else None
 
 
+def _per_defect(m: dict) -> dict:
+    return {d: v or {} for d, v in (m.get("per_defect") or {}).items()}
+
+
 def summarise(per_seed: list[dict]) -> dict:
-    """The mean over seeds of every metric (per defect too), the per-seed figures and the spread."""
-    out = {k: _mean([m[k] for m in per_seed]) for k in KEYS}
-    out["n_test_images"] = per_seed[0]["n_test_images"]
-    defects = per_seed[0].get("per_defect", {})
-    out["per_defect"] = {d: {k: _mean([m["per_defect"][d].get(k) for m in per_seed]) for k in KEYS}
+    """The mean over seeds of every metric (per defect too), the per-seed figures and the spread.
+    A metric that is null (None) in every seed stays null: pixel metrics without masks (elpv)."""
+    out = {k: _mean([m.get(k) for m in per_seed]) for k in KEYS}
+    out["n_test_images"] = per_seed[0].get("n_test_images")
+    defects = _per_defect(per_seed[0])
+    out["per_defect"] = {d: {k: _mean([_per_defect(m).get(d, {}).get(k) for m in per_seed]) for k in KEYS}
                          for d in defects}
-    out["spread"] = {k: _spread([m[k] for m in per_seed]) for k in ("pixel_auroc", "aupro", "image_auroc")}
+    out["spread"] = {k: _spread([m.get(k) for m in per_seed]) for k in ("pixel_auroc", "aupro", "image_auroc")}
     out["per_seed"] = per_seed
     return out
 
 
 def table(results: dict) -> pd.DataFrame:
+    """One row per category and method; the worst defect family by pixel AUROC (None without
+    pixel figures, as for elpv)."""
     rows = []
     for cat, methods in results.items():
         for method, m in methods.items():
-            worst = min(((d, v["pixel_auroc"]) for d, v in m["per_defect"].items()
+            worst = min(((d, v["pixel_auroc"]) for d, v in _per_defect(m).items()
                          if v.get("pixel_auroc") is not None), key=lambda dv: dv[1], default=(None, None))
-            rows.append({"category": cat, "method": method, "pixel_auroc": m["pixel_auroc"],
-                         "aupro": m["aupro"], "image_auroc": m["image_auroc"], "pixel_ap": m["pixel_ap"],
+            rows.append({"category": cat, "method": method, "pixel_auroc": m.get("pixel_auroc"),
+                         "aupro": m.get("aupro"), "image_auroc": m.get("image_auroc"), "pixel_ap": m.get("pixel_ap"),
                          "worst_defect": worst[0], "worst_defect_pixel_auroc": worst[1]})
     return pd.DataFrame(rows)
+
+
+def layout(category: str) -> str:
+    """The data.layout of a category's built folder."""
+    return "folder" if category == elpv_data.CATEGORY else "mvtec"
 
 
 def main(argv=None) -> None:
@@ -124,16 +144,25 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     data_dir = args.data_dir.resolve()
-    results, runs = {}, []
+    results, runs, data = {}, [], {}
+    elpv_source = elpv_data.ensure_installed() if elpv_data.CATEGORY in args.categories else None
     with open(args.log, "w") as log:
         for cat in args.categories:
-            folder = build_category(cat, data_dir, seed=args.data_seed)
+            if cat == elpv_data.CATEGORY:
+                folder = elpv_data.build_elpv(data_dir, seed=args.data_seed, source=elpv_source)
+                data[cat] = {"package": elpv_data.REQUIREMENT, "cell_type": elpv_data.CELL_TYPE,
+                             "available": elpv_data.mono_counts(elpv_source),
+                             "sampled": elpv_data.folder_counts(folder)}
+                print(f"{cat}: mono cells available {data[cat]['available']}, sampled {data[cat]['sampled']}",
+                      flush=True)
+            else:
+                folder = build_category(cat, data_dir, seed=args.data_seed)
             per_method: dict[str, list] = {m: [] for m in args.methods}
             for seed in args.seeds:
                 name = f"rp-{cat}-s{seed}"
                 targets = [] if set(args.methods) == set(METHODS) else [f"evaluate@{m}" for m in args.methods]
                 cmd = ["dvc", "exp", "run", "--temp", "-f", "-n", name, "-S", f"data.source={folder}",
-                       "-S", "data.layout=mvtec", "-S", f"seed={seed}"]
+                       "-S", f"data.layout={layout(cat)}", "-S", f"seed={seed}"]
                 for kv in args.set:
                     cmd += ["-S", kv]
                 tick = time.perf_counter()
@@ -149,6 +178,8 @@ def main(argv=None) -> None:
 
     total = time.perf_counter() - started
     run_info = {"seconds": round(total, 1), "seeds": args.seeds, "methods": args.methods, "runs": runs}
+    if data:
+        run_info["data"] = data  # elpv: how many mono cells there were and were sampled
     io.write_json(args.out.with_name(args.out.stem + "_run.json"), run_info)  # realphoto_run.json by default
     tab = table(results)
     print(tab.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -1,6 +1,7 @@
 """The real-photo benchmark's bookkeeping (bench/realphoto.py): the mean over seeds, the spread,
 the per-defect figures and the table. Running it (DVC per category) is a benchmark, not a test."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,3 +43,104 @@ def test_table_names_the_worst_defect_family():
     row = realphoto.table(results).iloc[0]
     assert (row["category"], row["method"], row["worst_defect"]) == ("moon", "ddpm", "hole")
     assert row["worst_defect_pixel_auroc"] == pytest.approx(0.7)
+
+
+def test_elpv_is_a_category_and_patchcore_a_method():
+    assert realphoto.CATEGORIES == ("tissue", "moon", "hubble", "terrain", "elpv")
+    assert realphoto.METHODS == ("ddpm", "rddpm", "gan", "patchcore")
+    assert [realphoto.layout(c) for c in realphoto.CATEGORIES] == ["mvtec"] * 4 + ["folder"]
+
+
+def _image_only(img):
+    """metrics/<method>.json of data without masks: every pixel key null."""
+    m = dict.fromkeys(realphoto.KEYS, None)
+    m.update(image_auroc=img, image_ap=img - 0.05, n_test_images=124)
+    m["per_defect"] = {"anomalous": dict(m)}
+    return m
+
+
+@pytest.mark.parametrize("per_defect", ["pixel_none", "empty", "missing", "null"])
+def test_summarise_and_table_cope_with_image_only_metrics(per_defect):
+    seeds = [_image_only(0.7), _image_only(0.8)]
+    for m in seeds:
+        if per_defect == "empty":
+            m["per_defect"] = {}
+        elif per_defect == "missing":
+            del m["per_defect"]
+        elif per_defect == "null":
+            m["per_defect"] = None
+    out = realphoto.summarise(seeds)
+    assert out["image_auroc"] == pytest.approx(0.75) and out["spread"]["image_auroc"] == pytest.approx([0.7, 0.8])
+    assert all(out[k] is None for k in ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice"))
+    assert out["spread"]["pixel_auroc"] is None and out["spread"]["aupro"] is None
+    if per_defect == "pixel_none":
+        assert out["per_defect"]["anomalous"]["pixel_auroc"] is None
+        assert out["per_defect"]["anomalous"]["image_auroc"] == pytest.approx(0.75)
+    else:
+        assert out["per_defect"] == {}
+    results = {"moon": {"ddpm": realphoto.summarise([_metrics(0.9, 0.8, {"hole": 0.7})])},
+               "elpv": {"ddpm": out, "patchcore": realphoto.summarise(seeds)}}
+    tab = realphoto.table(results)
+    assert list(tab["category"]) == ["moon", "elpv", "elpv"]
+    elpv = tab[tab["category"] == "elpv"]
+    assert elpv["image_auroc"].tolist() == pytest.approx([0.75, 0.75])
+    assert elpv["pixel_auroc"].isna().all() and elpv["worst_defect"].isna().all()
+    assert elpv["worst_defect_pixel_auroc"].isna().all()
+    assert tab.to_string(index=False, float_format=lambda v: f"{v:.3f}")  # the table main() prints
+    only_elpv = realphoto.table({"elpv": {"ddpm": out}})
+    assert only_elpv.iloc[0]["worst_defect"] is None and only_elpv.iloc[0]["pixel_auroc"] is None
+    assert only_elpv.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def test_main_runs_elpv_with_the_folder_layout(tmp_path, monkeypatch):
+    """main() without DVC: the commands it would run and the JSON it writes."""
+    commands, installs = [], []
+    elpv_folder, moon_folder = tmp_path / "data" / "elpv", tmp_path / "data" / "moon"
+
+    def build_elpv(root, seed, source):
+        assert (root, seed, source) == (tmp_path / "data", 0, tmp_path / "pkg")
+        for cls, n in (("normal", 3), ("anomalous", 2)):
+            (elpv_folder / cls).mkdir(parents=True)
+            for i in range(n):
+                (elpv_folder / cls / f"cell{i:04d}.png").write_bytes(b"")
+        return elpv_folder
+
+    monkeypatch.setattr(realphoto.elpv_data, "ensure_installed", lambda: installs.append(1) or tmp_path / "pkg")
+    monkeypatch.setattr(realphoto.elpv_data, "build_elpv", build_elpv)
+    monkeypatch.setattr(realphoto.elpv_data, "mono_counts", lambda source: {"normal": 9, "anomalous": 4})
+    monkeypatch.setattr(realphoto, "build_category", lambda cat, root, seed: moon_folder)
+    monkeypatch.setattr(realphoto, "_run", lambda cmd, log: commands.append(cmd))
+    monkeypatch.setattr(realphoto, "_exp_ref", lambda name: name)
+    monkeypatch.setattr(realphoto, "_read_metrics", lambda ref, m: _image_only(0.6 if m == "ddpm" else 0.7))
+    out = tmp_path / "rp.json"
+    realphoto.main(["--categories", "moon", "elpv", "--methods", "ddpm", "patchcore", "--data-dir",
+                    str(tmp_path / "data"), "--out", str(out), "--log", str(tmp_path / "rp.log")])
+    assert installs == [1]
+    layouts = [next(c for c in cmd if c.startswith("data.layout=")) for cmd in commands]
+    assert layouts == ["data.layout=mvtec", "data.layout=folder"]
+    assert f"data.source={elpv_folder}" in commands[1] and commands[1][:6] == \
+        ["dvc", "exp", "run", "--temp", "-f", "-n"] and commands[1][6] == "rp-elpv-s0"
+    assert commands[1][-2:] == ["evaluate@ddpm", "evaluate@patchcore"]
+    results = json.loads(out.read_text())
+    assert list(results) == ["moon", "elpv"] and list(results["elpv"]) == ["ddpm", "patchcore"]
+    assert results["elpv"]["patchcore"]["image_auroc"] == pytest.approx(0.7)
+    assert results["elpv"]["patchcore"]["pixel_auroc"] is None
+    run = json.loads((tmp_path / "rp_run.json").read_text())
+    assert run["data"] == {"elpv": {"package": "elpv-dataset==1.0.0.post1", "cell_type": "mono",
+                                    "available": {"normal": 9, "anomalous": 4},
+                                    "sampled": {"normal": 3, "anomalous": 2}}}
+
+
+def test_main_without_elpv_installs_nothing(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(realphoto.elpv_data, "ensure_installed", lambda: pytest.fail("installed elpv"))
+    monkeypatch.setattr(realphoto, "build_category", lambda cat, root, seed: tmp_path / cat)
+    monkeypatch.setattr(realphoto, "_run", lambda cmd, log: commands.append(cmd))
+    monkeypatch.setattr(realphoto, "_exp_ref", lambda name: name)
+    monkeypatch.setattr(realphoto, "_read_metrics", lambda ref, m: _metrics(0.9, 0.8, {"hole": 0.7}))
+    realphoto.main(["--categories", "moon", "--data-dir", str(tmp_path), "--out", str(tmp_path / "rp.json"),
+                    "--log", str(tmp_path / "rp.log")])
+    assert len(commands) == 1 and "data.layout=mvtec" in commands[0]
+    assert not any(c.startswith("evaluate@") for c in commands[0])  # every method: the whole pipeline
+    assert list(json.loads((tmp_path / "rp.json").read_text())["moon"]) == list(realphoto.METHODS)
+    assert "data" not in json.loads((tmp_path / "rp_run.json").read_text())
