@@ -52,6 +52,6 @@ def main(params, method: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", choices=("ddpm", "rddpm", "gan"), required=True)
+    parser.add_argument("--method", choices=("ddpm", "rddpm", "gan", "patchcore"), required=True)
     args = parser.parse_args()
     run_stage(lambda p: main(p, args.method))

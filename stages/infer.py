@@ -7,6 +7,11 @@ and image scores (`infer.normalize`; `auto` chooses the calibration on val, see 
 Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly); the calibration
 chosen goes to metrics/infer_<method>.json, the timing to metrics/timing/infer_<method>.json.
+
+With `--memory` (infer@patchcore's maps) the memory distance is one more map beside the noise
+levels, and the choice on val may fuse it in ("<calibration>+memory"; `map_sources` in the
+metrics says which). `--method patchcore` is the PatchCore reference itself: nearest-neighbour
+maps from the memory bank (`--model`), the image score their maximum; no diffusion.
 """
 
 from __future__ import annotations
@@ -17,18 +22,78 @@ import time
 import numpy as np
 import torch
 
-from _common import ROOT, run_stage, torch_generator, write_timing
-from anodiff import data, io, select
+from _common import ROOT, run_stage, write_timing
+from anodiff import anomaly, data, io, patchcore, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
+from anodiff.errors import CheckpointError
 from anodiff.train import pick_device
 
 PREPARED = ROOT / "data/prepared"
 
 
-def main(params, method: str, model: str, noise_from: str) -> None:
+def _rows():
+    rows = data.load_rows(PREPARED)
+    return rows[rows["split"].isin(["val", "test"]) & (rows["augmented"] == 0)].reset_index(drop=True)
+
+
+def memory_maps(maps_dir, rows) -> torch.Tensor:
+    """infer@patchcore's maps of the same val and test images, in `rows`' order: (N, 1, H, W)."""
+    table = io.read_artefact(maps_dir / "scores.csv", io.read_csv)
+    if list(table["path"]) != list(rows["path"]):
+        raise CheckpointError(f"{maps_dir}: maps of other images than data/prepared's val and test; "
+                              f"rerun `dvc repro infer@patchcore`")
+    return torch.from_numpy(io.read_artefact(maps_dir / "maps.npz", io.load_npz)["maps"]).unsqueeze(1)
+
+
+def sources(kind: str) -> str:
+    """What a calibration's map is made of, for metrics/infer_<method>.json."""
+    if kind == "memory":
+        return "memory"
+    return "reconstruction+memory" if anomaly.split_kind(kind)[1] else "reconstruction"
+
+
+def main_patchcore(params, bank_path: str) -> None:
+    """infer@patchcore: the memory bank's nearest-neighbour maps; image score = the map's maximum."""
+    scorer = patchcore.Scorer.load(ROOT / bank_path, params.data.channels, to_dict(params.patchcore))
+    rows = _rows()
+    images = data.load_images(PREPARED, rows, params.data.channels)
+    started = time.perf_counter()
+    with torch.no_grad():
+        maps = scorer.maps(images)
+    seconds = time.perf_counter() - started
+    scores = maps.flatten(1).max(dim=1).values
+    table = rows[["path", "split", "label", "defect", "mask"]].copy()
+    table["score"] = scores.numpy().astype(np.float64)
+    meta = {"method": "patchcore", "model": bank_path, "generator": None, "settings": scorer.settings,
+            "calibration": {"map": "memory", "score": "memory"}, "image_size": int(images.shape[-1]),
+            "channels": params.data.channels, "n_images": len(rows)}
+    _write("patchcore", maps, images, table, meta, {}, seconds, "cpu",
+           {"map_sources": "memory", "score_sources": "memory"})
+
+
+def _write(method, final, recon, table, meta, stats, seconds, device, chosen) -> None:
+    # timing lives in metrics/timing/, not in data/maps (the maps are the same bytes every run) nor
+    # in the metrics file (`dvc metrics diff` of the same params shows nothing)
+    n = len(table)
+    timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, n), 5),
+              "images_per_s": round(n / max(seconds, 1e-9), 3), "device": str(device)}
+    with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
+        io.save_npz(out / "maps.npz", maps=final[:, 0].numpy().astype(np.float32),
+                    recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **stats)
+        io.write_csv(out / "scores.csv", table)
+        io.write_json(out / "meta.json", meta)
+    io.write_json(ROOT / f"metrics/infer_{method}.json", chosen)
+    write_timing(f"infer_{method}", timing)
+    print(f"infer@{method}: {n} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
+          f"map {chosen.get('map_calibration', 'memory')} ({chosen['map_sources']}), "
+          f"score {chosen.get('score_calibration', 'memory')} ({chosen['score_sources']})")
+
+
+def main(params, method: str, model: str, noise_from: str, memory: str | None = None) -> None:
     """`model` is the DDPM checkpoint; `noise_from` is where the noise comes from: the same file
-    (the DDPM's own training noise) or a GAN generator. dvc.yaml passes both, per method."""
+    (the DDPM's own training noise) or a GAN generator. dvc.yaml passes both, per method.
+    `memory`: infer@patchcore's maps folder; val may then fuse the memory distance into the map."""
     device = pick_device()
     settings = params.infer
     gen_path = noise_from if noise_from != model else None
@@ -36,44 +101,40 @@ def main(params, method: str, model: str, noise_from: str) -> None:
     det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device,
                         expect_arch={"in_channels": params.data.channels})
 
-    rows = data.load_rows(PREPARED)
-    rows = rows[rows["split"].isin(["val", "test"]) & (rows["augmented"] == 0)].reset_index(drop=True)
+    rows = _rows()
     images = data.load_images(PREPARED, rows, params.data.channels)
 
     started = time.perf_counter()
-    raw, recon = det.raw_maps(images, torch_generator(params.seed, offset=101), desc=f"infer@{method}")
+    raw, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}")
     seconds = time.perf_counter() - started
+    memory_meta = None
+    if memory is not None:  # the memory distance as one more level; val decides whether it is used
+        raw = torch.cat([raw, memory_maps(ROOT / memory, rows)], dim=1)
+        memory_meta = io.read_json(ROOT / memory / "meta.json")
     choice = select.calibrate_on_val(det, raw, rows["split"].to_numpy(),
-                                     (rows["label"] == "anomalous").to_numpy(), data.load_masks(PREPARED, rows))
+                                     (rows["label"] == "anomalous").to_numpy(), data.load_masks(PREPARED, rows),
+                                     levels=len(det.levels()))
     final, scores = det.finish(raw)
 
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
-    meta = {"method": method, "model": model, "generator": gen_path,
+    meta = {"method": method, "model": model, "generator": gen_path, "seed": params.seed,
             "settings": to_dict(settings), "calibration": det.calibration_kinds(),
             "levels": det.levels(), "plan": det.plan(),
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
-            "channels": det.channels, "n_images": len(rows)}
-    # timing lives in metrics/timing/, not in data/maps (the maps are the same bytes every run) nor
-    # in the metrics file (`dvc metrics diff` of the same params shows nothing)
-    timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, len(rows)), 5),
-              "images_per_s": round(len(rows) / max(seconds, 1e-9), 3), "device": str(device)}
+            "channels": det.channels, "n_images": len(rows),
+            # what predict needs to fuse the memory distance as infer did
+            "memory": ({"model": memory_meta["model"], "settings": memory_meta["settings"]}
+                       if det.uses_memory() else None)}
     # the choice is a metric (`dvc exp show` has a column for it); every candidate's val figures
     # (fitted on half the normal val images, judged on the rest) go beside the maps
-    chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"]}
+    chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"],
+              "map_sources": sources(choice["map"]), "score_sources": sources(choice["score"])}
     if "table" in choice:
         chosen["val_map_criterion"] = round(choice["table"][choice["map"]]["map_criterion"], 6)
         chosen["val_score_image_auroc"] = choice["table"][choice["score"]]["image_auroc"]
         meta["selection"] = choice["table"]
-    with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
-        io.save_npz(out / "maps.npz", maps=final[:, 0].numpy().astype(np.float32),
-                    recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **det.stats_arrays())
-        io.write_csv(out / "scores.csv", table)
-        io.write_json(out / "meta.json", meta)
-    io.write_json(ROOT / f"metrics/infer_{method}.json", chosen)
-    write_timing(f"infer_{method}", timing)
-    print(f"infer@{method}: {len(rows)} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
-          f"map calibration {choice['map']}, score calibration {choice['score']}")
+    _write(method, final, recon, table, meta, det.stats_arrays(), seconds, device, chosen)
 
 
 if __name__ == "__main__":
@@ -81,5 +142,9 @@ if __name__ == "__main__":
     parser.add_argument("--method", required=True, help="the variant's name (dvc.yaml's foreach key)")
     parser.add_argument("--model", required=True, help="DDPM checkpoint")
     parser.add_argument("--noise-from", required=True, help="the DDPM checkpoint again, or a GAN generator")
+    parser.add_argument("--memory", help="infer@patchcore's maps folder, to fuse (for patchcore: its memory bank)")
     args = parser.parse_args()
-    run_stage(lambda p: main(p, args.method, args.model, args.noise_from))
+    if args.method == "patchcore":
+        run_stage(lambda p: main_patchcore(p, args.model))
+    else:
+        run_stage(lambda p: main(p, args.method, args.model, args.noise_from, args.memory))

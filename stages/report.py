@@ -12,11 +12,12 @@ from _common import ROOT, run_stage
 from anodiff import io
 from anodiff.errors import DataError
 
-METHODS = ("ddpm", "rddpm", "gan")
+METHODS = ("ddpm", "rddpm", "gan", "patchcore")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap",
         "n_test_images")
 #: the training stages a method's result needs (its inference is infer@<method>)
-TRAINING = {"ddpm": ("pretrain_ddpm",), "rddpm": ("train_robust_ddpm",), "gan": ("pretrain_ddpm", "train_gan_noise")}
+TRAINING = {"ddpm": ("pretrain_ddpm",), "rddpm": ("train_robust_ddpm",), "gan": ("pretrain_ddpm", "train_gan_noise"),
+            "patchcore": ("train_patchcore",)}
 
 
 def table(results: dict[str, dict]) -> pd.DataFrame:

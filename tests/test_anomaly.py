@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from anodiff import anomaly
-from anodiff.detector import Detector, memory_format
+from anodiff.detector import Detector, image_generators, memory_format
 from anodiff.gan import state_checksum
 from conftest import infer_settings
 from anodiff.schedule import Schedule
@@ -332,10 +332,10 @@ def test_detector_maps_average_the_plan():
     maps, recon = det.raw_maps(x, torch.Generator().manual_seed(0), progress=False)
     # t_start=0: x_t = sqrt(abar_0) x + sqrt(1 - abar_0) n, and eps=0 gives x_hat = x_t / sqrt(abar_0)
     sched = Schedule(timesteps=10)
-    gen = torch.Generator().manual_seed(0)
+    gens = image_generators(x, torch.Generator().manual_seed(0))  # each image's own noise stream
     errs = []
     for _ in range(3):
-        n = torch.randn(x.shape, generator=gen)
+        n = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens])
         x_hat = (sched.add_noise(x, n, 0) / sched.sqrt_alpha_bar[0]).clamp(-1, 1)
         errs.append((x - x_hat).abs().mean(dim=1, keepdim=True))
     torch.testing.assert_close(maps, sum(errs) / 3, atol=1e-6, rtol=0)
@@ -379,3 +379,17 @@ def test_standardize_per_image_gives_zero_mean_unit_std_per_map():
     det = _detector(settings=infer_settings(normalize="image"))
     det.calibrate(maps)
     assert det.stats_arrays() == {} and torch.equal(det.finish(maps)[0], z)
+
+
+def test_an_image_gets_the_same_noise_in_any_batch_or_position():
+    """predict scores one image as infer scored it among others: its noise is its own."""
+    x = _images(n=5)
+    det = _detector()
+    det.settings = SETTINGS.model_copy(update=dict(n_seeds=2, batch_size=2))
+    together, _ = det.raw_maps(x, Detector.noise_generator(3), progress=False)
+    alone, _ = det.raw_maps(x[3:4], Detector.noise_generator(3), progress=False)
+    shuffled, _ = det.raw_maps(x[[4, 3, 0]], Detector.noise_generator(3), progress=False)
+    torch.testing.assert_close(alone[0], together[3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(shuffled[1], together[3], atol=1e-6, rtol=0)
+    other, _ = det.raw_maps(x[3:4], Detector.noise_generator(4), progress=False)
+    assert not torch.allclose(other[0], together[3], atol=1e-4)

@@ -59,7 +59,7 @@ def test_extractor_is_frozen_and_gives_the_stride_8_grid(backbone):
     assert f.shape == (2, features.CHANNELS, 8, 8)
     # grey input equals its RGB copy; the same image gives the same features in any batch
     assert torch.allclose(f, ex(x.expand(-1, 3, -1, -1)), atol=1e-6)
-    assert torch.allclose(f[1:], ex(x[1:]), atol=1e-5)
+    assert torch.allclose(f[1:], ex(x[1:]), rtol=1e-5, atol=1e-4)
 
 
 def test_image_against_itself_has_zero_feature_distance(backbone):

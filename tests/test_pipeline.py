@@ -36,14 +36,15 @@ def repo(workflow_repo):
 
 
 def test_every_method_writes_every_metrics_key(repo):
-    for method in ("ddpm", "rddpm", "gan"):
+    for method in ("ddpm", "rddpm", "gan", "patchcore"):
         result = json.loads((repo / f"metrics/{method}.json").read_text())
         assert KEYS <= set(result), method
         assert result["n_test_images"] == 10
         assert set(result["per_defect"]) == {"crack", "dot"}
         for key in ("pixel_auroc", "aupro", "image_auroc"):
             assert result[key] is not None and 0.0 <= result[key] <= 1.0, (method, key)
-    assert "| gan " in (repo / "metrics/summary.md").read_text()
+    summary = (repo / "metrics/summary.md").read_text()
+    assert "| gan " in summary and "| patchcore " in summary
     for f in ("plots/ddpm/overlays.png", "plots/gan/roc.csv", "plots/pretrain_ddpm/loss.tsv",
               "plots/train_gan_noise/gen_loss.tsv", "metrics/train_robust_ddpm.json", "plots/prepare_samples.png"):
         assert (repo / f).stat().st_size > 0, f
@@ -54,14 +55,34 @@ def test_infer_records_the_calibration_chosen_on_val(repo):
 
     for method in ("ddpm", "rddpm", "gan"):
         chosen = json.loads((repo / f"metrics/infer_{method}.json").read_text())
-        assert chosen["map_calibration"] in anomaly.CALIBRATIONS, method
-        assert chosen["score_calibration"] in anomaly.CALIBRATED, method  # never a self-standardised map
+        kind, memory = anomaly.split_kind(chosen["map_calibration"])
+        assert kind in anomaly.CALIBRATIONS, method
+        assert chosen["map_sources"] == ("reconstruction+memory" if memory else "reconstruction")
+        assert anomaly.split_kind(chosen["score_calibration"])[0] in anomaly.CALIBRATED, method  # never self-standardised
         meta = json.loads((repo / f"data/maps/{method}/meta.json").read_text())
         assert meta["calibration"] == {"map": chosen["map_calibration"], "score": chosen["score_calibration"]}
+        # every fused candidate was judged on val beside the reconstruction-only ones
+        assert {"texture+memory", "mahalanobis+memory", "pixel"} <= set(meta["selection"])
         table = meta["selection"]  # every candidate's val figures; the winner has the best criterion
         best = max(row["map_criterion"] for row in table.values())
         assert table[chosen["map_calibration"]]["map_criterion"] == best
         assert chosen["val_map_criterion"] == pytest.approx(best, abs=1e-6)
+    assert json.loads((repo / "metrics/infer_patchcore.json").read_text())["map_sources"] == "memory"
+
+
+@pytest.mark.parametrize("method", ["ddpm", "patchcore"])
+def test_predict_gives_the_scores_and_verdicts_infer_and_evaluate_measured(repo, tmp_path, method):
+    """The same test image scored by `anodiff predict`, alone and in another order, gets infer's score."""
+    import pandas as pd
+
+    scores = pd.read_csv(repo / f"data/maps/{method}/scores.csv")
+    test = scores[scores["split"] == "test"].iloc[::-1].reset_index(drop=True)  # another order and batching
+    files = [str(repo / "data/prepared" / p) for p in test["path"]]
+    sh("anodiff", "predict", "--method", method, "--out", str(tmp_path / "out"), "--quiet", *files, cwd=repo)
+    got = pd.read_csv(tmp_path / "out/predictions.csv")
+    assert got["score"].to_numpy() == pytest.approx(test["score"].to_numpy(), abs=2e-5)
+    threshold = json.loads((repo / f"metrics/{method}.json").read_text())["thresholds"]["image"]
+    assert list(got["anomalous"]) == list(test["score"] >= threshold)
 
 
 def test_training_curves_are_dvclive_files(repo):

@@ -109,6 +109,16 @@ CALIBRATIONS = ("none", "image", "pixel", "texture", "texture2", "mahalanobis")
 _NEEDS = {"pixel": ("mean", "std"), "texture": ("loc", "scale"), "texture2": ("loc", "scale"),
           "mahalanobis": ("mean", "precision")}
 CALIBRATED = tuple(_NEEDS)
+# A diffusion map may fuse in the PatchCore memory's distance map, the raw stack's last level:
+# "<kind>+memory". Only the calibrations that put each level on its own normal scale can fuse
+# levels whose units differ (pixel errors against feature distances).
+MEMORY = "+memory"
+FUSABLE = ("texture", "texture2", "mahalanobis")
+
+
+def split_kind(name: str) -> tuple[str, bool]:
+    """"texture+memory" -> ("texture", True); "pixel" -> ("pixel", False)."""
+    return (name[:-len(MEMORY)], True) if name.endswith(MEMORY) else (name, False)
 LOG_EPS = 1e-3  # error energies are |x - x_hat| in [0, 2]; log(e + eps) keeps flat regions finite
 
 
@@ -131,10 +141,22 @@ class Calibration:
 
     kind: str
     arrays: dict = field(default_factory=dict)  # fitted statistics, plain tensors
+    memory: bool = False  # fuses the memory distance, the raw stack's last level (the caller passes it or not)
 
     def __post_init__(self):
         if self.kind not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.kind!r}; expected one of {CALIBRATIONS}")
+        if self.memory and self.kind not in FUSABLE:
+            raise ValueError(f"calibration {self.kind!r} cannot fuse the memory distance; one of {FUSABLE} can")
+
+    @classmethod
+    def named(cls, name: str) -> "Calibration":
+        kind, memory = split_kind(name)
+        return cls(kind, memory=memory)
+
+    @property
+    def name(self) -> str:
+        return self.kind + (MEMORY if self.memory else "")
 
     @property
     def fitted(self) -> bool:
@@ -183,8 +205,9 @@ class Calibration:
         return {f"{prefix}_{k}": v.numpy() for k, v in self.arrays.items()}
 
     @classmethod
-    def from_state(cls, kind: str, arrays: dict, prefix: str) -> "Calibration":
+    def from_state(cls, name: str, arrays: dict, prefix: str) -> "Calibration":
         # copies: stored arrays may be read-only (torch.from_numpy would warn) and stay the caller's
         found = {k[len(prefix) + 1:]: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()
                  if k.startswith(prefix + "_")}
-        return cls(kind, found)
+        kind, memory = split_kind(name)
+        return cls(kind, found, memory)

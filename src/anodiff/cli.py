@@ -2,9 +2,11 @@
 
     anodiff predict --method ddpm slab1.png slab2.png folder/ --out predictions/
 
-Uses the pipeline's outputs: the DDPM checkpoint (and the GAN generator for `gan`), the
-normal-image statistics and settings stored by `infer` in data/maps/<method>/, and the
-thresholds chosen on the validation split in metrics/<method>.json. Writes one heat-map
+Uses the pipeline's outputs: the DDPM checkpoint (and the GAN generator for `gan`; the memory
+bank for `patchcore`, and for a diffusion method whose map fuses the memory distance), the
+normal-image statistics, settings and seed stored by `infer` in data/maps/<method>/, and the
+thresholds chosen on the validation split in metrics/<method>.json. An image's noise is drawn
+from its own stream, seeded by infer's seed and its pixels, so it gets the score infer gave it. Writes one heat-map
 overlay PNG per image and predictions.csv (path, score, anomalous at the chosen threshold).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from anodiff import io, plots
+from anodiff import io, patchcore, plots
 from anodiff.config import Infer
 from anodiff.detector import Detector
 from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
@@ -51,13 +53,52 @@ def check_out(out: Path, reads: list[Path]) -> None:
             raise DataError(f"--out {out}: would replace {p}, which predict reads; choose another folder")
 
 
-def load_detector(args) -> tuple[Detector, dict]:
+def _thresholds(args) -> dict:
+    metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
+    thresholds = {"pixel": None, "image": None}
+    if metrics_path.exists():
+        stored_thr = io.read_artefact(metrics_path, io.read_json)
+        stored_thr = stored_thr.get("thresholds") if isinstance(stored_thr, dict) else None
+        thresholds.update({k: v for k, v in (stored_thr or {}).items() if k in thresholds})
+    if args.threshold is not None:
+        thresholds["image"] = args.threshold
+    return thresholds
+
+
+def _read_meta(args) -> tuple[dict, Path, Path]:
     maps_dir = Path(args.maps or f"data/maps/{args.method}")
     meta_path, npz_path = maps_dir / "meta.json", maps_dir / "maps.npz"
     for p in (meta_path, npz_path):
         if not p.exists():
             raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
     meta = io.read_artefact(meta_path, io.read_json)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not infer's meta.json; rerun `dvc repro infer@{args.method}`")
+    return meta, meta_path, npz_path
+
+
+def _memory_scorer(spec, meta_path: Path, method: str, channels: int):
+    """The PatchCore scorer whose maps infer fused in (or scored with, for patchcore)."""
+    if not isinstance(spec, dict) or not spec.get("model") or not isinstance(spec.get("settings"), dict):
+        raise CheckpointError(f"{meta_path}: no valid 'memory' recorded; rerun `dvc repro infer@{method}`")
+    return patchcore.Scorer.load(Path(spec["model"]), channels, spec["settings"])
+
+
+def load_patchcore(args):
+    """(scorer, image size, channels, thresholds) of the patchcore method."""
+    meta, meta_path, _ = _read_meta(args)
+    spec = {"model": args.checkpoint or meta.get("model"), "settings": meta.get("settings")}
+    try:
+        size, channels = int(meta["image_size"]), int(meta["channels"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{meta_path}: no valid 'image_size' and 'channels'; "
+                              f"rerun `dvc repro infer@patchcore`") from None
+    return _memory_scorer(spec, meta_path, "patchcore", channels), size, channels, _thresholds(args)
+
+
+def load_detector(args):
+    """(detector, thresholds, the PatchCore scorer its calibration fuses in or None, noise seed)."""
+    meta, meta_path, npz_path = _read_meta(args)
     stored = meta.get("settings") if isinstance(meta, dict) else None
     try:
         settings = Infer.model_validate(stored)
@@ -89,21 +130,15 @@ def load_detector(args) -> tuple[Detector, dict]:
         for cal in (det.map_cal, det.score_cal):
             if not cal.fitted:
                 raise ValueError(f"the {cal.kind} calibration's statistics are incomplete")
-        probe = torch.zeros(1, len(det.levels()), det.image_size, det.image_size)
+        probe = torch.zeros(1, len(det.levels()) + det.uses_memory(), det.image_size, det.image_size)
         det.finish(probe)  # statistics of another image size or noise plan fail here, not later
     except (ValueError, RuntimeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} (image size {det.image_size}, "
                               f"{len(det.levels())} noise level(s): {first}); rerun `dvc repro infer@{args.method}`") from None
-    metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
-    thresholds = {"pixel": None, "image": None}
-    if metrics_path.exists():
-        stored_thr = io.read_artefact(metrics_path, io.read_json)
-        stored_thr = stored_thr.get("thresholds") if isinstance(stored_thr, dict) else None
-        thresholds.update({k: v for k, v in (stored_thr or {}).items() if k in thresholds})
-    if args.threshold is not None:
-        thresholds["image"] = args.threshold
-    return det, thresholds
+    memory = _memory_scorer(meta.get("memory"), meta_path, args.method, det.channels) if det.uses_memory() else None
+    seed = args.seed if args.seed is not None else meta.get("seed", 0)
+    return det, _thresholds(args), memory, seed
 
 
 def predict(args) -> int:
@@ -112,14 +147,26 @@ def predict(args) -> int:
     files = collect_inputs(args.inputs)
     given = [args.maps or f"data/maps/{args.method}", args.checkpoint, args.generator, args.metrics]
     check_out(Path(args.out), files + [Path(p) for p in args.inputs] + [Path(p) for p in given if p])
-    det, thr = load_detector(args)
+    if args.method == "patchcore":
+        scorer, size, channels, thr = load_patchcore(args)
+    else:
+        det, thr, memory, seed = load_detector(args)
+        size, channels = det.image_size, det.channels
     images = []
     for f in files:  # read everything first: a bad image stops before anything is written
-        images.append(io.read_image(f, det.image_size, det.channels))
+        images.append(io.read_image(f, size, channels))
     x = torch.stack(images)
-    generator = torch.Generator().manual_seed(args.seed)
-    raw, recon = det.raw_maps(x, generator, progress=not args.quiet, desc="predict")
-    maps, scores = det.finish(raw)
+    if args.method == "patchcore":
+        with torch.no_grad():
+            maps = scorer.maps(x)
+        scores, recon = maps.flatten(1).max(dim=1).values, x
+    else:
+        # the noise infer drew for these very images (each image's own stream: Detector.raw_maps)
+        raw, recon = det.raw_maps(x, Detector.noise_generator(seed), progress=not args.quiet, desc="predict")
+        if memory is not None:
+            with torch.no_grad():
+                raw = torch.cat([raw, memory.maps(x)], dim=1)
+        maps, scores = det.finish(raw)
     out = Path(args.out)
     names = [f"{i:04d}_{f.stem}.png" for i, f in enumerate(files)]
     with io.atomic_dir(out) as tmp:
@@ -128,7 +175,8 @@ def predict(args) -> int:
                                 m[0].numpy(), thr["pixel"])
         table = pd.DataFrame({"path": [str(f) for f in files], "overlay": names,
                               "score": scores.numpy().round(6)})
-        table["anomalous"] = (table["score"] >= thr["image"]) if thr["image"] is not None else pd.NA
+        # the verdict from the exact score, as evaluate applied the threshold (not the rounded one)
+        table["anomalous"] = (scores.numpy() >= thr["image"]) if thr["image"] is not None else pd.NA
         io.write_csv(tmp / "predictions.csv", table)
     print(f"wrote {len(files)} overlays and predictions.csv to {out}"
           + ("" if thr["image"] is not None else " (no threshold: run evaluate first or pass --threshold)"))
@@ -140,14 +188,15 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="anomaly maps and scores for new images")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--method", choices=("ddpm", "rddpm", "gan"), default="ddpm")
+    p.add_argument("--method", choices=("ddpm", "rddpm", "gan", "patchcore"), default="ddpm")
     p.add_argument("--out", default="predictions", help="output folder (replaced whole)")
     p.add_argument("--checkpoint", help="DDPM checkpoint (default: the one infer used, from the maps' meta.json)")
     p.add_argument("--generator", help="GAN generator checkpoint (default: the one infer used, for gan)")
     p.add_argument("--maps", help="folder written by infer (default data/maps/<method>)")
     p.add_argument("--metrics", help="metrics JSON holding the thresholds (default metrics/<method>.json)")
     p.add_argument("--threshold", type=float, help="image-score threshold (overrides the chosen one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the noise (default: the params seed infer used, so an image gets infer's score)")
     p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -165,6 +165,15 @@ class Infer(Section):
         return list(zip(ts, steps, guidance, strict=True))
 
 
+class PatchCore(Section):
+    image_size: Num(int, 32, 1024)  # the feature extractor's input size (a multiple of 16)
+    coreset: Num(float, 0, 1, lo_open=True)
+    projection: Num(int, 0)
+    sigma: Num(float, 0)
+    max_patches: Num(int, 1)
+    batch_size: Num(int, 1)
+
+
 class Params(Section):
     seed: Num(int, 0)
     data: Data
@@ -173,6 +182,7 @@ class Params(Section):
     robust: Robust
     gan: GAN
     infer: Infer
+    patchcore: PatchCore
 
 
 def _cross_checks(p: Params) -> None:
@@ -194,6 +204,9 @@ def _cross_checks(p: Params) -> None:
     for t, k, _ in p.infer.plan():
         if k > t + 1:
             raise ConfigError(f"params.yaml: infer steps {k} at noise level {t} must be at most t + 1 = {t + 1}")
+    if p.patchcore.image_size % 16:
+        raise ConfigError(f"params.yaml: patchcore.image_size: {p.patchcore.image_size} must be a multiple of 16 "
+                          "(the feature extractor's stride-16 endpoint)")
     lo, hi = p.data.augment.brightness
     if not 0 < lo <= hi:
         raise ConfigError(f"params.yaml: data.augment.brightness: {[lo, hi]} must be [low, high] with 0 < low <= high")

@@ -6,6 +6,7 @@ were two pieces of code (anomalib #2747); here both call `Detector.raw_maps` and
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,22 @@ from anodiff.noisegen import NoiseGenerator
 from anodiff.schedule import Schedule
 from anodiff.train import autocast_dtype
 from anodiff.unet import UNet
+
+
+NOISE_OFFSET = 101  # separates the maps' noise from the training streams of the same params seed
+
+
+def image_generators(images: torch.Tensor, generator: torch.Generator) -> list[torch.Generator]:
+    """One generator per image, seeded from one draw of `generator` and the image's own 8-bit
+    pixels: an image gets the same noise whichever batch, position or call it comes in, so
+    `anodiff predict` gives an image the very score `infer` gave it."""
+    base = int(torch.randint(2**62, (1,), generator=generator))
+    out = []
+    for x in images:
+        pixels = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(base.to_bytes(8, "little") + pixels).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return out
 
 
 def memory_format(model: torch.nn.Module) -> torch.memory_format:
@@ -116,14 +133,30 @@ class Detector:
             out += [level] * (1 if once else self.settings.n_seeds)
         return out
 
-    def make_noise(self, x: torch.Tensor, generator: torch.Generator, t: int | None = None) -> torch.Tensor:
+    @staticmethod
+    def noise_generator(seed: int) -> torch.Generator:
+        """The generator `infer` and `anodiff predict` both draw a map's noise from, for params `seed`."""
+        return torch.Generator().manual_seed(seed * 1_000_003 + NOISE_OFFSET)
+
+    def make_noise(self, x: torch.Tensor, generator, t: int | None = None) -> torch.Tensor:
         """The noise x is noised with at level t: the generator's at its own level, whatever the
         DDPM was trained on (it corrects Gaussian noise); the DDPM's training noise elsewhere. A
         residual generator draws its Gaussian noise exactly as the DDPM's noise is drawn, so a
-        generator that adds no correction gives the `ddpm` method's maps bit for bit."""
-        if self.generator_net is not None and (t is None or t == self.fixed_t[0]):
-            return noise.for_batch(x, generator, net=self.generator_net)
-        return noise.for_batch(x, generator, kind=self.noise_kind, simplex_kw=self.noise_kw)
+        generator that adds no correction gives the `ddpm` method's maps bit for bit.
+
+        `generator`: one torch.Generator for the batch, or a list of them, one per image (each
+        image's own stream: see `image_generators`)."""
+        own = self.generator_net is not None and (t is None or t == self.fixed_t[0])
+        if isinstance(generator, torch.Generator):
+            if own:
+                return noise.for_batch(x, generator, net=self.generator_net)
+            return noise.for_batch(x, generator, kind=self.noise_kind, simplex_kw=self.noise_kw)
+        if own and not self.generator_net.residual:
+            return noise.for_batch(x, generator[0], net=self.generator_net)  # draws nothing
+        kind = "gaussian" if own else self.noise_kind
+        eps = torch.cat([noise.for_batch(x[i:i + 1], g, kind=kind, simplex_kw=self.noise_kw)
+                         for i, g in enumerate(generator)])
+        return self.generator_net(x, eps) if own else eps
 
     def levels(self) -> list[int]:
         """The distinct noise levels of the plan, in order: the T axis of raw maps."""
@@ -159,14 +192,16 @@ class Detector:
         if only is not None:
             plan = [p for p in plan if p[0] in only]
             levels = [t for t in levels if t in only]
+        streams = image_generators(images, generator)
         for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress):
             x = images[start:start + bs].to(self.device, memory_format=layout or torch.preserve_format)
+            gens = streams[start:start + bs]
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
             count = [0] * len(levels)
             first = None
             for (t, steps, guidance), k in self._runs(plan, together):
                 # the noises in the plan's order, one draw after another, batched or not
-                noises = torch.cat([self.make_noise(x, generator, t) for _ in range(k)])
+                noises = torch.cat([self.make_noise(x, gens, t) for _ in range(k)])
                 with torch.autocast(self.device.type, dtype=half, enabled=amp):
                     x_hats = anomaly.reconstruct(self.model, self.schedule, x.repeat(k, 1, 1, 1), noises, t, steps,
                                                  guidance=guidance,
@@ -199,11 +234,26 @@ class Detector:
         Kinds default to `settings.normalize`; `infer` passes the ones chosen on val (select.py)."""
         map_kind = map_kind or self.settings.normalize
         score_kind = score_kind or map_kind
-        self.map_cal = anomaly.Calibration(map_kind)
-        self.score_cal = self.map_cal if score_kind == map_kind else anomaly.Calibration(score_kind)
+        self.map_cal = anomaly.Calibration.named(map_kind)
+        self.score_cal = self.map_cal if score_kind == map_kind else anomaly.Calibration.named(score_kind)
         for cal in {id(self.map_cal): self.map_cal, id(self.score_cal): self.score_cal}.values():
             if cal.kind in anomaly.CALIBRATED:
-                cal.fit(normal_raw)
+                cal.fit(self._view(normal_raw, cal))
+
+    def uses_memory(self) -> bool:
+        """Whether a calibration fuses the memory distance (then raw maps must carry it last)."""
+        return any(c is not None and c.memory for c in (self.map_cal, self.score_cal))
+
+    def _view(self, raw: torch.Tensor, cal: anomaly.Calibration) -> torch.Tensor:
+        """The levels of raw (N, T[+1], H, W) that `cal` reads: the noise levels, plus the memory
+        distance (the last level) for a fused calibration."""
+        n = len(self.levels())
+        if cal.memory:
+            if raw.shape[1] != n + 1:
+                raise ValueError(f"calibration {cal.name} needs the {n} noise levels and the memory distance, "
+                                 f"got {raw.shape[1]} maps")
+            return raw
+        return raw[:, :n]
 
     def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated maps (N, 1, H, W) and image scores (N,) from raw maps (N, T, H, W).
@@ -212,15 +262,15 @@ class Detector:
         the map's: a position-free calibration can rank images best while per-image
         standardisation draws the sharpest maps."""
         if self.map_cal is None or not self.map_cal.fitted:
-            final = raw.mean(dim=1, keepdim=True)
+            final = raw[:, :len(self.levels())].mean(dim=1, keepdim=True)
             return final, anomaly.image_scores(final, self.settings.score, self.settings.topk)
-        final = self.map_cal.apply(raw)
-        score_map = final if self.score_cal is self.map_cal else self.score_cal.apply(raw)
+        final = self.map_cal.apply(self._view(raw, self.map_cal))
+        score_map = final if self.score_cal is self.map_cal else self.score_cal.apply(self._view(raw, self.score_cal))
         return final, anomaly.image_scores(score_map, self.settings.score, self.settings.topk)
 
     def calibration_kinds(self) -> dict:
-        return {"map": self.map_cal.kind if self.map_cal else None,
-                "score": self.score_cal.kind if self.score_cal else None}
+        return {"map": self.map_cal.name if self.map_cal else None,
+                "score": self.score_cal.name if self.score_cal else None}
 
     def stats_arrays(self) -> dict[str, np.ndarray]:
         out = {}

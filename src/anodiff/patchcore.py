@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anodiff import anomaly
-from anodiff.features import FeatureExtractor, extract
+from anodiff import anomaly, io
+from anodiff.errors import CheckpointError
+from anodiff.features import WEIGHTS_SHA256, FeatureExtractor, extract
 
 CHUNK = 4096  # query rows per distance block: 4096 x 16384 floats is 256 MB
 
@@ -120,3 +121,47 @@ def anomaly_maps(extractor: FeatureExtractor, bank: MemoryBank, images: torch.Te
              for i in range(0, len(images), batch_size)]
     dist = torch.cat(dists) if dists else torch.zeros(0, 1, extractor.grid, extractor.grid)
     return maps_from_distances(dist, extractor.image_size, out_size, sigma)
+
+
+def save(path, bank: MemoryBank, meta: dict) -> None:
+    io.save_checkpoint(path, {"patches": bank.patches, "meta": {"kind": "patchcore", "n_candidates": bank.n_candidates,
+                                                                "weights_sha256": WEIGHTS_SHA256, **meta}})
+
+
+def load(path, channels: int | None = None) -> tuple[MemoryBank, dict]:
+    """The memory bank written by train_patchcore, and its meta (the settings it was built with)."""
+    ckpt = io.load_checkpoint(path)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    patches = ckpt.get("patches")
+    if meta.get("kind") != "patchcore" or not isinstance(patches, torch.Tensor) or patches.dim() != 2:
+        raise CheckpointError(f"{path}: not a PatchCore memory bank; rerun `dvc repro train_patchcore`")
+    if meta.get("weights_sha256") != WEIGHTS_SHA256:
+        raise CheckpointError(f"{path}: built with other feature weights; rerun `dvc repro train_patchcore`")
+    if channels is not None and meta.get("channels") != channels:
+        raise CheckpointError(f"{path}: built from {meta.get('channels')}-channel images, data.channels is {channels}; "
+                              f"rerun `dvc repro train_patchcore`")
+    return MemoryBank(patches.float(), int(meta["n_candidates"])), meta
+
+
+class Scorer:
+    """A memory bank with the extractor it was built with: images -> PatchCore maps (N, 1, S, S)
+    at the image size S. `infer` and `anodiff predict` both score through it."""
+
+    def __init__(self, bank: MemoryBank, settings: dict, extractor: FeatureExtractor | None = None):
+        self.bank, self.settings = bank, settings
+        self.extractor = extractor or FeatureExtractor(int(settings["image_size"]))
+
+    @classmethod
+    def load(cls, path, channels: int | None = None, settings: dict | None = None) -> "Scorer":
+        """`settings`: the scoring settings to use (sigma, batch_size) instead of the stored ones;
+        the extractor's input size is the bank's own."""
+        bank, meta = load(path, channels)
+        stored = meta.get("settings") or {}
+        if settings is not None and settings.get("image_size") != stored.get("image_size"):
+            raise CheckpointError(f"{path}: built at patchcore.image_size {stored.get('image_size')}, params have "
+                                  f"{settings.get('image_size')}; rerun `dvc repro train_patchcore`")
+        return cls(bank, settings or stored)
+
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        return anomaly_maps(self.extractor, self.bank, images, images.shape[-1], float(s["sigma"]), int(s["batch_size"]))

@@ -42,12 +42,17 @@ def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
-           candidates=anomaly.CALIBRATIONS) -> dict:
+           candidates=anomaly.CALIBRATIONS, levels: int | None = None) -> dict:
     """{"map": kind, "score": kind, "table": {kind: {criterion: value}}} from val raw maps.
 
     raw: (N, T, H, W) val maps; normal: (N,) bool, the normal val images; labels: (N,) 0/1;
-    masks: (N, H, W) or None.
+    masks: (N, H, W) or None. `levels`: how many of the T maps are noise levels, when the last
+    is the memory distance (T = levels + 1): then the fusable candidates are also tried with it,
+    as "<kind>+memory", after every reconstruction-only candidate (which win ties).
     """
+    levels = raw.shape[1] if levels is None else levels
+    if raw.shape[1] > levels:
+        candidates = tuple(candidates) + tuple(k + anomaly.MEMORY for k in candidates if k in anomaly.FUSABLE)
     normal_idx = np.flatnonzero(normal)
     check_normal_count(len(normal_idx), candidates)
     fit_pos, judge_pos = _halves(len(normal_idx))
@@ -57,10 +62,11 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
     has_masks = masks is not None
     table = {}
     for kind in candidates:
-        cal = anomaly.Calibration(kind)
-        if kind in anomaly.CALIBRATED:
-            cal.fit(raw[torch.from_numpy(fit_idx)])
-        judged = cal.apply(raw[torch.from_numpy(judge)])
+        cal = anomaly.Calibration.named(kind)
+        view = raw if cal.memory else raw[:, :levels]
+        if cal.kind in anomaly.CALIBRATED:
+            cal.fit(view[torch.from_numpy(fit_idx)])
+        judged = cal.apply(view[torch.from_numpy(judge)])
         maps, scores = judged[:, 0].numpy(), anomaly.image_scores(judged, "max").numpy()
         row = {"image_auroc": metrics.image_auroc(scores, labels[judge])}
         if has_masks:
@@ -79,25 +85,26 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
     for kind, row in table.items():
         row["map_criterion"] = map_criterion(row)
     map_kind = max(table, key=lambda k: table[k]["map_criterion"])  # first of equals wins
-    scored = [k for k in table if k in anomaly.CALIBRATED] or list(table)
+    scored = [k for k in table if anomaly.split_kind(k)[0] in anomaly.CALIBRATED] or list(table)
     score_kind = max(scored, key=lambda k: score_criterion(table[k]))
     return {"map": map_kind, "score": score_kind, "table": table}
 
 
 def calibrate_on_val(det, raw: torch.Tensor, split: np.ndarray, anomalous: np.ndarray,
-                     masks: np.ndarray | None) -> dict:
+                     masks: np.ndarray | None, levels: int | None = None) -> dict:
     """Calibrate `det` (a Detector) on the val rows of `raw`, as `infer` does; returns the choice.
 
     split: (N,) split names; anomalous: (N,) bool. With `infer.normalize: auto` both calibrations
     are chosen on val (`choose`); otherwise the fixed one is used. Either way the winners are fitted
-    on all normal val images."""
+    on all normal val images. `levels`: the noise levels among raw's maps, when the last one is the
+    memory distance (see `choose`)."""
     val = split == "val"
     val_normal = val & ~anomalous
     kind = det.settings.normalize
     choice = {"map": kind, "score": kind}
     if kind == "auto":
         choice = choose(raw[torch.from_numpy(val)], val_normal[val], anomalous[val].astype(int),
-                        None if masks is None else masks[val])
+                        None if masks is None else masks[val], levels=levels)
     else:
         check_normal_count(int(val_normal.sum()), [kind])
     det.calibrate(raw[torch.from_numpy(val_normal)], choice["map"], choice["score"])
