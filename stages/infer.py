@@ -27,6 +27,7 @@ from anodiff import anomaly, data, io, patchcore, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
+from anodiff.features import FeatureExtractor
 from anodiff.train import pick_device
 
 PREPARED = ROOT / "data/prepared"
@@ -57,17 +58,19 @@ def main_patchcore(params, bank_path: str) -> None:
     """infer@patchcore: the memory bank's nearest-neighbour maps; image score = the map's maximum."""
     scorer = patchcore.Scorer.load(ROOT / bank_path, params.data.channels, to_dict(params.patchcore))
     rows = _rows()
-    images = data.load_images(PREPARED, rows, params.data.channels)
+    images = data.load_images(PREPARED, rows, params.data.channels)  # the maps are at their size
+    inputs, column = data.load_feature_images(PREPARED, rows, params.data.channels)
     started = time.perf_counter()
     with torch.no_grad():
-        maps = scorer.maps(images)
+        maps = scorer.maps(inputs, out_size=images.shape[-1])
     seconds = time.perf_counter() - started
     scores = maps.flatten(1).max(dim=1).values
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
     meta = {"method": "patchcore", "model": bank_path, "generator": None, "settings": scorer.settings,
             "calibration": {"map": "memory", "score": "memory"}, "image_size": int(images.shape[-1]),
-            "channels": params.data.channels, "n_images": len(rows)}
+            # predict reads new images as these were read: at the extractor's size, or at image_size
+            "input_size": int(inputs.shape[-1]), "channels": params.data.channels, "n_images": len(rows)}
     _write("patchcore", maps, images, table, meta, {}, seconds, "cpu",
            {"map_sources": "memory", "score_sources": "memory"})
 
@@ -100,6 +103,8 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     # the images are read with data.channels: a DDPM trained on the other count is refused here, by name
     det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device,
                         expect_arch={"in_channels": params.data.channels})
+    if settings.error == "feature":  # DDAD's distance of input and reconstruction in feature space
+        det.extractor = FeatureExtractor(params.patchcore.image_size).to(device)
 
     rows = _rows()
     images = data.load_images(PREPARED, rows, params.data.channels)
@@ -110,7 +115,7 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     memory_meta = None
     if memory is not None:  # the memory distance as one more level; val decides whether it is used
         raw = torch.cat([raw, memory_maps(ROOT / memory, rows)], dim=1)
-        memory_meta = io.read_json(ROOT / memory / "meta.json")
+        memory_meta = io.read_artefact(ROOT / memory / "meta.json", io.read_json)
     choice = select.calibrate_on_val(det, raw, rows["split"].to_numpy(),
                                      (rows["label"] == "anomalous").to_numpy(), data.load_masks(PREPARED, rows),
                                      levels=len(det.levels()))
@@ -123,8 +128,9 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
             "levels": det.levels(), "plan": det.plan(),
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows),
+            "feature_size": params.patchcore.image_size if settings.error == "feature" else None,
             # what predict needs to fuse the memory distance as infer did
-            "memory": ({"model": memory_meta["model"], "settings": memory_meta["settings"]}
+            "memory": ({k: memory_meta[k] for k in ("model", "settings", "input_size")}
                        if det.uses_memory() else None)}
     # the choice is a metric (`dvc exp show` has a column for it); every candidate's val figures
     # (fitted on half the normal val images, judged on the rest) go beside the maps

@@ -1,5 +1,7 @@
 """prepare: data.source (the embedded marble set or a folder) -> data/prepared/ (images, masks,
-manifest.csv) and plots/prepare_samples.png. Bad input fails before data/prepared changes."""
+manifest.csv) and plots/prepare_samples.png. Bad input fails before data/prepared changes.
+Photographs larger than data.image_size are also kept at patchcore.image_size (features/), for
+the pretrained features."""
 
 from _common import ROOT, run_stage
 
@@ -9,7 +11,8 @@ from anodiff import data, io, plots
 def main(p):
     out = ROOT / "data" / "prepared"
     with io.atomic_dir(out) as tmp:  # replaced whole on success, untouched on any error
-        manifest = data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed)
+        manifest = data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed,
+                                feature_size=p.patchcore.image_size)
     images, masks, labels = data.grid_samples(out, manifest, p.data.image_size)
     plots.sample_grid(images, masks, labels, ROOT / "plots" / "prepare_samples.png")
     print(data.describe(manifest))

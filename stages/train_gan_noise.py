@@ -20,6 +20,7 @@ from _live import write_live
 from anodiff import anomaly, checkpoint, data, distributed, gan, resume, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
+from anodiff.features import FeatureExtractor
 from anodiff.errors import CheckpointError, DataError
 from anodiff.schedule import Schedule
 from anodiff.noisegen import Critic, NoiseGenerator
@@ -124,6 +125,8 @@ def val_evaluator(params, ddpm, ckpt, net):
     candidates = anomaly.CALIBRATIONS if settings.normalize == "auto" else (settings.normalize,)
     select.check_normal_count(int((~anomalous).sum()), candidates)
     det = Detector.from_models(ddpm, ckpt, settings, (net, cfg.t, cfg.denoise_steps), where=DDPM)
+    if settings.error == "feature":  # G is judged by the very maps infer will make
+        det.extractor = FeatureExtractor(params.patchcore.image_size).to(next(ddpm.parameters()).device)
     levels = det.levels()
     others = [t for t in levels if t != cfg.t]
     base = det.raw_maps(images, torch_generator(params.seed, offset=103), progress=False, only=others)[0] \

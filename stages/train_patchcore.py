@@ -31,7 +31,7 @@ def main(params) -> None:
     rows = rows[rows["ddpm_train"] == 1].reset_index(drop=True)
     if rows.empty:
         raise DataError(f"{PREPARED}/manifest.csv: no training images (ddpm_train) for the memory bank")
-    images = data.load_images(PREPARED, rows, params.data.channels)
+    images, column = data.load_feature_images(PREPARED, rows, params.data.channels)
     started = time.perf_counter()
     extractor = features.FeatureExtractor(cfg.image_size)
     feats = features.extract(extractor, images, cfg.batch_size)
@@ -40,9 +40,9 @@ def main(params) -> None:
     seconds = time.perf_counter() - started
     patchcore.save(ROOT / "data/models/patchcore.pt", bank,
                    {"n_images": len(rows), "taps": list(features.TAPS), "settings": to_dict(cfg),
-                    "channels": params.data.channels})
+                    "channels": params.data.channels, "images_from": column})
     write_timing("train_patchcore", {"seconds": round(seconds, 3), "device": "cpu"})
-    print(f"train_patchcore: {len(rows)} images, {bank.n_candidates} patches -> memory bank of "
+    print(f"train_patchcore: {len(rows)} images ({column}, {images.shape[-1]} px), {bank.n_candidates} patches -> memory bank of "
           f"{bank.patches.shape[0]} x {bank.patches.shape[1]}")
 
 

@@ -367,3 +367,31 @@ def test_stage_exits_2_naming_the_files(tmp_path):
     assert res.stderr.startswith("error: 6 problem(s)")
     for path in bad:
         assert str(path) in res.stderr
+
+
+def test_photographs_larger_than_image_size_are_kept_at_the_extractors_size(tmp_path):
+    """32-px sources, image_size 16: the pretrained features get each image at 32 (read again from
+    its file), beside the 16-px one; augmented copies (the GAN's only) get none."""
+    p = params(make_folder(tmp_path / "src"))
+    with io.atomic_dir(tmp_path / "out") as tmp:
+        m = data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed, feature_size=32)
+    assert data.FEATURES_PATH in m
+    m = data.load_rows(tmp_path / "out")  # as the later stages read it
+    real = m[m["augmented"] == 0]
+    assert (real[data.FEATURES_PATH] != "").all()
+    row = real.iloc[0]
+    assert io.image_size_of(tmp_path / "out" / row["path"]) == (SIZE, SIZE)
+    assert io.image_size_of(tmp_path / "out" / row[data.FEATURES_PATH]) == (32, 32)
+    assert np.array_equal(io.load_image_uint8(tmp_path / "out" / row[data.FEATURES_PATH], 32, 3),
+                          io.load_image_uint8(row["source"], 32, 3))
+    images, column = data.load_feature_images(tmp_path / "out", real, 3)
+    assert column == data.FEATURES_PATH and images.shape[-1] == 32
+
+
+def test_no_extractor_copies_where_the_sources_are_not_larger(tmp_path):
+    p = params(make_folder(tmp_path / "src"), image_size=32)
+    with io.atomic_dir(tmp_path / "out") as tmp:
+        m = data.prepare(tmp, data_cfg=p.data, synth_cfg=p.synth, seed=p.seed, feature_size=64)
+    assert data.FEATURES_PATH not in m and not (tmp_path / "out" / "features").exists()
+    images, column = data.load_feature_images(tmp_path / "out", m, 3)
+    assert column == "path" and images.shape[-1] == 32

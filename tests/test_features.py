@@ -99,3 +99,27 @@ def test_a_weight_file_with_another_hash_is_refused(monkeypatch, tmp_path):
             features.load_backbone()
     finally:
         features._checked_state.cache_clear()
+
+
+def test_feature_distance_is_zero_for_equal_features_and_counts_each_endpoint():
+    from anodiff.anomaly import feature_distance
+
+    g = torch.Generator().manual_seed(0)
+    fa = torch.randn(2, features.CHANNELS, 4, 4, generator=g)
+    assert torch.equal(feature_distance(fa, fa.clone(), (8, 8)), torch.zeros(2, 1, 8, 8))
+    fb = fa.clone()
+    fb[:, :40] *= -1  # the stride-8 endpoint reversed: cosine -1 there, 1 - (-1) = 2
+    assert torch.allclose(feature_distance(fa, fb, (4, 4)), torch.full((2, 1, 4, 4), 2.0), atol=1e-6)
+    fb = fa.clone()
+    fb[:, 40:] *= 3.0  # scaled features point the same way: no distance
+    assert torch.allclose(feature_distance(fa, fb, (4, 4)), torch.zeros(2, 1, 4, 4), atol=1e-6)
+
+
+def test_feature_error_of_a_perfect_reconstruction_is_zero(backbone):
+    from anodiff.anomaly import error_map
+
+    ex = features.FeatureExtractor(64, backbone=backbone)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(error_map(x, x.clone(), "feature", ex), torch.zeros(2, 1, 32, 32))
+    other = error_map(x, x.flip(-1), "feature", ex)
+    assert other.shape == (2, 1, 32, 32) and float(other.mean()) > 0.01

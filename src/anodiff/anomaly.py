@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-ERRORS = ("abs", "sq")
+ERRORS = ("abs", "sq", "feature")
 
 
 def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start: int, steps: int,
@@ -31,13 +31,32 @@ def reconstruct(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t_start:
     return schedule.denoise(model, x_t, t_start, steps, guide=x0, guidance=guidance)
 
 
-def error_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "abs") -> torch.Tensor:
-    """Per-pixel difference between input and reconstruction -> (B,1,H,W), larger = more anomalous."""
+def error_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "abs", features=None) -> torch.Tensor:
+    """Per-pixel difference between input and reconstruction -> (B,1,H,W), larger = more anomalous.
+
+    "feature": DDAD's distance in a pretrained feature space: `features` (a FeatureExtractor, or
+    a pair (features of x, the extractor) to reuse x's) maps both images, and the map is
+    1 - cosine similarity per position, summed over the extractor's endpoints, upsampled to x."""
     if kind == "abs":
         return (x - x_hat).abs().mean(dim=1, keepdim=True)
     if kind == "sq":
         return (x - x_hat).pow(2).mean(dim=1, keepdim=True)
+    if kind == "feature":
+        fx, extractor = features if isinstance(features, tuple) else (features(x), features)
+        return feature_distance(fx, extractor(x_hat), x.shape[-2:])
     raise ValueError(f"unknown error kind {kind!r}; expected one of {ERRORS}")
+
+
+def feature_distance(fa: torch.Tensor, fb: torch.Tensor, size, split=(40, 112)) -> torch.Tensor:
+    """(B, D, h, w) features of two images -> (B, 1, *size): 1 - cosine per position, per endpoint
+    (channel groups `split`), summed, upsampled bilinearly. Identical features give exactly 0."""
+    total = 0
+    for a, b in zip(fa.split(list(split), dim=1), fb.split(list(split), dim=1)):
+        # 1 - cos(a, b) = |a/|a| - b/|b||^2 / 2: exactly 0 for equal features, unlike 1 - (a.b)/(|a||b|)
+        unit_a = torch.nn.functional.normalize(a, dim=1, eps=1e-8)
+        unit_b = torch.nn.functional.normalize(b, dim=1, eps=1e-8)
+        total = total + (unit_a - unit_b).pow(2).sum(dim=1, keepdim=True) / 2
+    return torch.nn.functional.interpolate(total, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:

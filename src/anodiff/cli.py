@@ -23,6 +23,7 @@ import torch
 from anodiff import io, patchcore, plots
 from anodiff.config import Infer
 from anodiff.detector import Detector
+from anodiff.features import FeatureExtractor
 from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
 
 
@@ -78,22 +79,26 @@ def _read_meta(args) -> tuple[dict, Path, Path]:
 
 
 def _memory_scorer(spec, meta_path: Path, method: str, channels: int):
-    """The PatchCore scorer whose maps infer fused in (or scored with, for patchcore)."""
-    if not isinstance(spec, dict) or not spec.get("model") or not isinstance(spec.get("settings"), dict):
+    """(the PatchCore scorer whose maps infer fused in, or scored with for patchcore, and the size
+    its input images are read at: the extractor's where prepare kept copies of that size)."""
+    if not isinstance(spec, dict) or not spec.get("model") or not isinstance(spec.get("settings"), dict) \
+            or type(spec.get("input_size")) is not int:
         raise CheckpointError(f"{meta_path}: no valid 'memory' recorded; rerun `dvc repro infer@{method}`")
-    return patchcore.Scorer.load(Path(spec["model"]), channels, spec["settings"])
+    return patchcore.Scorer.load(Path(spec["model"]), channels, spec["settings"]), spec["input_size"]
 
 
 def load_patchcore(args):
-    """(scorer, image size, channels, thresholds) of the patchcore method."""
+    """(scorer, its input size, image size, channels, thresholds) of the patchcore method."""
     meta, meta_path, _ = _read_meta(args)
-    spec = {"model": args.checkpoint or meta.get("model"), "settings": meta.get("settings")}
+    spec = {"model": args.checkpoint or meta.get("model"), "settings": meta.get("settings"),
+            "input_size": meta.get("input_size")}
     try:
         size, channels = int(meta["image_size"]), int(meta["channels"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{meta_path}: no valid 'image_size' and 'channels'; "
                               f"rerun `dvc repro infer@patchcore`") from None
-    return _memory_scorer(spec, meta_path, "patchcore", channels), size, channels, _thresholds(args)
+    scorer, input_size = _memory_scorer(spec, meta_path, "patchcore", channels)
+    return scorer, input_size, size, channels, _thresholds(args)
 
 
 def load_detector(args):
@@ -115,6 +120,11 @@ def load_detector(args):
     generator = Path(generator) if generator else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
+    if settings.error == "feature":
+        if type(meta.get("feature_size")) is not int:
+            raise CheckpointError(f"{meta_path}: no 'feature_size' for infer.error: feature; "
+                                  f"rerun `dvc repro infer@{args.method}`")
+        det.extractor = FeatureExtractor(meta["feature_size"]).to(device)
     for t, steps, _ in det.plan():  # settings stored for another checkpoint may not fit this schedule
         try:
             det.schedule.respace(t, steps)
@@ -147,25 +157,30 @@ def predict(args) -> int:
     files = collect_inputs(args.inputs)
     given = [args.maps or f"data/maps/{args.method}", args.checkpoint, args.generator, args.metrics]
     check_out(Path(args.out), files + [Path(p) for p in args.inputs] + [Path(p) for p in given if p])
+    memory = None  # (PatchCore scorer, the size its inputs are read at)
     if args.method == "patchcore":
-        scorer, size, channels, thr = load_patchcore(args)
+        scorer, input_size, size, channels, thr = load_patchcore(args)
+        memory = (scorer, input_size)
     else:
         det, thr, memory, seed = load_detector(args)
         size, channels = det.image_size, det.channels
-    images = []
+    images, feature_inputs = [], []
     for f in files:  # read everything first: a bad image stops before anything is written
         images.append(io.read_image(f, size, channels))
+        if memory is not None and memory[1] != size:  # the features see the photograph's detail
+            feature_inputs.append(io.read_image(f, memory[1], channels))
     x = torch.stack(images)
-    if args.method == "patchcore":
+    if memory is not None:
         with torch.no_grad():
-            maps = scorer.maps(x)
-        scores, recon = maps.flatten(1).max(dim=1).values, x
+            memory_maps = memory[0].maps(torch.stack(feature_inputs) if feature_inputs else x, out_size=size)
+    if args.method == "patchcore":
+        maps, recon = memory_maps, x
+        scores = maps.flatten(1).max(dim=1).values
     else:
         # the noise infer drew for these very images (each image's own stream: Detector.raw_maps)
         raw, recon = det.raw_maps(x, Detector.noise_generator(seed), progress=not args.quiet, desc="predict")
         if memory is not None:
-            with torch.no_grad():
-                raw = torch.cat([raw, memory.maps(x)], dim=1)
+            raw = torch.cat([raw, memory_maps], dim=1)
         maps, scores = det.finish(raw)
     out = Path(args.out)
     names = [f"{i:04d}_{f.stem}.png" for i, f in enumerate(files)]

@@ -147,7 +147,7 @@ class Infer(Section):
     level_steps: List(Num(int, 1))
     guidance: List(Num(float, 0))
     n_seeds: Num(int, 1)
-    error: Literal["abs", "sq"]
+    error: Literal["abs", "sq", "feature"]
     sigma: Num(float, 0)
     normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"]
     score: Literal["max", "topk"]

@@ -31,6 +31,7 @@ SPLITS = ("train", "val", "test")
 LABELS = ("normal", "anomalous")
 COLUMNS = ["path", "split", "label", "defect", "mask", "ddpm_train", "augmented", "source"]
 MANIFEST = "manifest.csv"
+FEATURES_PATH = "features_path"  # the image at the extractor's size, where prepare kept one
 
 # streams of the seeded numpy generator, one per purpose (layouts.py uses 101 for splits)
 _CONTAMINATION_STREAM, _AUGMENT_STREAM = 202, 303
@@ -49,7 +50,8 @@ def _safe_name(defect: str, stem: str) -> str:
 
 def _load_records(records: list[Record], problems: list[Problem], *, image_size: int,
                   channels: int) -> list[dict]:
-    """Decode every record (image, and mask at the same size); failures become problems."""
+    """Decode every record (image, and mask at the same size); failures become problems.
+    Each item keeps its file's original (width, height) under "original"."""
     items = []
     for rec in records:
         try:
@@ -71,8 +73,21 @@ def _load_records(records: list[Record], problems: list[Problem], *, image_size:
                 continue
         items.append(dict(split=rec.split, label=rec.label, defect=rec.defect,
                           name=_safe_name(rec.defect, rec.path.stem), image=image, mask=mask,
-                          source=str(rec.path)))
+                          source=str(rec.path), original=original))
     return items
+
+
+def keep_feature_copies(items: list[dict], image_size: int, feature_size: int, channels: int) -> bool:
+    """Where the source photographs are larger than `data.image_size` (and the extractor's input,
+    `patchcore.image_size`, is larger too), give every item a copy at the extractor's size,
+    "feature_image", read again from its file: at 64 px a hairline of a 1024-px photograph is gone,
+    while the pretrained features can still see it at 256. Returns whether copies were made (then
+    for every item, small sources resized up like the rest, so the features see one size)."""
+    if feature_size <= image_size or not any(max(it.get("original", (0, 0))) > image_size for it in items):
+        return False
+    for it in items:
+        it["feature_image"] = io.load_image_uint8(it["source"], feature_size, channels)
+    return True
 
 
 def _check(problems: list[Problem], root, skip: bool, warn) -> None:
@@ -100,9 +115,10 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def read_source(data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr) -> list[dict]:
+def read_source(data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr, feature_size: int = 0) -> list[dict]:
     """Items (split, label, defect, name, image uint8 (H,W,C), mask (H,W)|None, source) of the
-    source named by `data.source`, read and checked."""
+    source named by `data.source`, read and checked; with "feature_image" too where
+    `keep_feature_copies` keeps one at `feature_size`."""
     size, channels = data_cfg.image_size, data_cfg.channels
     if data_cfg.source == "synthetic":
         items = synth.generate(seed, synth_cfg, size)
@@ -120,6 +136,7 @@ def read_source(data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr) -> li
     _check(problems, root, data_cfg.skip_bad_files, warn)
     bad = {str(p.path) for p in problems}  # e.g. an image that was readable but has no mask
     items = [it for it in items if it["source"] not in bad]
+    keep_feature_copies(items, size, feature_size, channels)
     for split in SPLITS:
         if split != "val" and not any(it["split"] == split and it["label"] == "normal" for it in items):
             raise DataError(f"{root}: no readable normal images for the {split} split")
@@ -179,15 +196,20 @@ def _mix_and_balance(items: list[dict], seed: int, *, contamination: float, aug:
             base = normals[order[j % len(normals)]]
             image = augment(base["image"], rng, flip_p=aug.flip_p, rot90=aug.rot90, brightness=aug.brightness)
             copies.append(dict(base, name=f"{base['name']}_aug{j:04d}", image=image, mask=None,
-                               ddpm_train=0, augmented=1))
+                               ddpm_train=0, augmented=1, feature_image=None))
     return items + copies
 
 
 # ---------------------------------------------------------------- prepare
-def prepare(out_dir, *, data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr) -> pd.DataFrame:
+def prepare(out_dir, *, data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr,
+            feature_size: int = 0) -> pd.DataFrame:
     """Read `data.source`, split, mix, augment; write images/, masks/ and manifest.csv under
-    `out_dir` (the stage passes a temp folder from io.atomic_dir). Returns the manifest."""
-    items = read_source(data_cfg, synth_cfg, seed, warn)
+    `out_dir` (the stage passes a temp folder from io.atomic_dir). Returns the manifest.
+
+    Sources larger than `data.image_size` are also kept at `feature_size` (the extractor's input)
+    under features/, named in the manifest's column `features_path` (only then present; empty for
+    augmented copies, which only the GAN reads)."""
+    items = read_source(data_cfg, synth_cfg, seed, warn, feature_size)
     items = _mix_and_balance(items, seed, contamination=data_cfg.contamination, aug=data_cfg.augment,
                              synthetic=data_cfg.source == "synthetic")
     out_dir = Path(out_dir)
@@ -207,9 +229,16 @@ def prepare(out_dir, *, data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stder
         if it["mask"] is not None:
             mask = f"masks/{folder}/{name}.png"
             io.write_png(out_dir / mask, it["mask"].astype(np.uint8) * 255)
-        rows.append(dict(path=path, split=it["split"], label=it["label"], defect=it["defect"], mask=mask,
-                         ddpm_train=it["ddpm_train"], augmented=it["augmented"], source=it["source"]))
-    manifest = pd.DataFrame(rows, columns=COLUMNS)
+        row = dict(path=path, split=it["split"], label=it["label"], defect=it["defect"], mask=mask,
+                   ddpm_train=it["ddpm_train"], augmented=it["augmented"], source=it["source"])
+        if it.get("feature_image") is not None:
+            row[FEATURES_PATH] = f"features/{folder}/{name}.png"
+            io.write_png(out_dir / row[FEATURES_PATH], it["feature_image"])
+        rows.append(row)
+    with_copies = any(FEATURES_PATH in r for r in rows)
+    manifest = pd.DataFrame(rows, columns=COLUMNS + [FEATURES_PATH] * with_copies)
+    if with_copies:
+        manifest[FEATURES_PATH] = manifest[FEATURES_PATH].fillna("")
     io.write_csv(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -255,6 +284,14 @@ def load_images(prepared_dir, rows: pd.DataFrame, channels: int, size: int | Non
     if not paths:
         return torch.zeros((0, channels, size, size))
     return torch.stack([io.read_image(p, size, channels) for p in paths])
+
+
+def load_feature_images(prepared_dir, rows: pd.DataFrame, channels: int) -> tuple[torch.Tensor, str]:
+    """The images the pretrained features are computed from, and which column they came from:
+    the copies at the extractor's size where prepare kept them (`features_path`), else the images."""
+    if FEATURES_PATH in rows and len(rows) and (rows[FEATURES_PATH].astype(str) != "").all():
+        return load_images(prepared_dir, rows.assign(path=rows[FEATURES_PATH]), channels), FEATURES_PATH
+    return load_images(prepared_dir, rows, channels), "path"
 
 
 def load_masks(prepared_dir, rows: pd.DataFrame, size: int | None = None) -> np.ndarray | None:

@@ -64,6 +64,8 @@ class Detector:
     # a level's noise draws reconstructed as one batch (None: on CUDA, where that is faster; on a
     # 2-core CPU one batch of 64 ran at 19 images/s against 35 for 16, so the draws go one by one)
     batch_draws: bool | None = None
+    # the pretrained extractor of `settings.error: feature` (DDAD's feature-space distance)
+    extractor: torch.nn.Module | None = None
 
     @classmethod
     def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu",
@@ -197,6 +199,11 @@ class Detector:
             x = images[start:start + bs].to(self.device, memory_format=layout or torch.preserve_format)
             gens = streams[start:start + bs]
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
+            features = None
+            if self.settings.error == "feature":
+                if self.extractor is None:
+                    raise ValueError("infer.error: feature needs the detector's feature extractor")
+                features = (self.extractor(x.contiguous()), self.extractor)
             count = [0] * len(levels)
             first = None
             for (t, steps, guidance), k in self._runs(plan, together):
@@ -208,7 +215,7 @@ class Detector:
                                                  ancestral=generator if self.full_chain else None).float()
                 i = levels.index(t)
                 for x_hat in x_hats.split(x.shape[0]):
-                    acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error)
+                    acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error, features)
                     count[i] += 1
                     first = x_hat if first is None else first
             acc = acc / torch.tensor(count, dtype=acc.dtype, device=acc.device).view(1, -1, 1, 1)

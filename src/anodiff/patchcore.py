@@ -162,6 +162,8 @@ class Scorer:
                                   f"{settings.get('image_size')}; rerun `dvc repro train_patchcore`")
         return cls(bank, settings or stored)
 
-    def maps(self, images: torch.Tensor) -> torch.Tensor:
+    def maps(self, images: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+        """Maps at `out_size` (default: the images' own size) of images in [-1, 1]."""
         s = self.settings
-        return anomaly_maps(self.extractor, self.bank, images, images.shape[-1], float(s["sigma"]), int(s["batch_size"]))
+        return anomaly_maps(self.extractor, self.bank, images, out_size or images.shape[-1], float(s["sigma"]),
+                            int(s["batch_size"]))
