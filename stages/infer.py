@@ -113,7 +113,7 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     raw, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}")
     seconds = time.perf_counter() - started
     memory_meta = None
-    if memory is not None:  # the memory distance as one more level; val decides whether it is used
+    if memory is not None and settings.memory:  # the memory distance as one more level; val decides
         raw = torch.cat([raw, memory_maps(ROOT / memory, rows)], dim=1)
         memory_meta = io.read_artefact(ROOT / memory / "meta.json", io.read_json)
     choice = select.calibrate_on_val(det, raw, rows["split"].to_numpy(),

@@ -226,3 +226,27 @@ def test_val_figures_are_those_of_the_chosen_calibrations_with_the_standard_erro
     assert noisy["map_calibration"] == noisy["score_calibration"] == "none"
     assert noisy["image_auroc_se"] == pytest.approx(
         metrics.auroc_standard_error(noisy["image_auroc"], int(labels.sum()), n_judged_normal))
+
+
+def test_texture_with_memory_weighs_the_reconstruction_and_the_memory_equally():
+    """Two noise levels and the memory: the fused z is (mean of the levels' z + the memory's z) / 2."""
+    g = torch.Generator().manual_seed(0)
+    normal = torch.rand(6, 3, 4, 4, generator=g) + 0.5
+    cal = anomaly.Calibration.named("texture+memory").fit(normal)
+    assert cal.name == "texture+memory" and cal.memory
+    raw = torch.rand(2, 3, 4, 4, generator=g) + 0.5
+    z = (torch.log(raw + anomaly.LOG_EPS) - cal.arrays["loc"].view(1, -1, 1, 1)) / cal.arrays["scale"].view(1, -1, 1, 1)
+    want = (z[:, :2].mean(dim=1, keepdim=True) + z[:, 2:]) / 2
+    torch.testing.assert_close(cal.apply(raw), want)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        anomaly.Calibration.named("pixel+memory")
+
+
+def test_choose_tries_the_fused_candidates_only_with_a_memory_map():
+    g = torch.Generator().manual_seed(1)
+    raw = torch.rand(12, 3, 8, 8, generator=g) + 0.1
+    normal = np.array([True] * 8 + [False] * 4)
+    labels = (~normal).astype(int)
+    with_memory = select.choose(raw, normal, labels, None, levels=2)
+    assert {"texture+memory", "texture2+memory", "mahalanobis+memory"} <= set(with_memory["table"])
+    assert not any(k.endswith("+memory") for k in select.choose(raw[:, :2], normal, labels, None)["table"])

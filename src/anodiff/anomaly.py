@@ -156,6 +156,9 @@ class Calibration:
     - mahalanobis: the vector of log energies over the noise levels against their mean and
       covariance on normal val pixels: unusual in either direction at any noise level, and in
       how the error changes with the noise level.
+    With `memory`, the raw stack's last map is PatchCore's memory distance: texture and texture2
+    average the noise levels' z-scores, then average that with the memory's z-score (the two
+    sources weigh the same); mahalanobis takes it as one more dimension.
     """
 
     kind: str
@@ -213,7 +216,10 @@ class Calibration:
             return NormalStats(a["mean"], a["std"]).normalize(raw.mean(dim=1, keepdim=True))
         g = torch.log(raw + LOG_EPS)
         if self.kind in ("texture", "texture2"):
-            z = ((g - a["loc"].view(1, -1, 1, 1)) / a["scale"].view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
+            z = (g - a["loc"].view(1, -1, 1, 1)) / a["scale"].view(1, -1, 1, 1)
+            if self.memory:  # the two sources weigh the same: the noise levels' mean, then the memory
+                z = torch.cat([z[:, :-1].mean(dim=1, keepdim=True), z[:, -1:]], dim=1)
+            z = z.mean(dim=1, keepdim=True)
             return z.abs() if self.kind == "texture2" else z
         d = g - a["mean"].view(1, -1, 1, 1)
         q = torch.einsum("nihw,ij,njhw->nhw", d, a["precision"], d)

@@ -148,6 +148,7 @@ class Infer(Section):
     guidance: List(Num(float, 0))
     n_seeds: Num(int, 1)
     error: Literal["abs", "sq", "feature"]
+    memory: bool
     sigma: Num(float, 0)
     normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"]
     score: Literal["max", "topk"]
