@@ -238,8 +238,12 @@ def test_texture_with_memory_weighs_the_reconstruction_and_the_memory_equally():
     z = (torch.log(raw + anomaly.LOG_EPS) - cal.arrays["loc"].view(1, -1, 1, 1)) / cal.arrays["scale"].view(1, -1, 1, 1)
     want = (z[:, :2].mean(dim=1, keepdim=True) + z[:, 2:]) / 2
     torch.testing.assert_close(cal.apply(raw), want)
+    heavy = anomaly.Calibration.named("texture+memory3").fit(normal)
+    torch.testing.assert_close(heavy.apply(raw), z[:, :2].mean(dim=1, keepdim=True) / 4 + 3 * z[:, 2:] / 4)
     with pytest.raises(ValueError, match="cannot fuse"):
         anomaly.Calibration.named("pixel+memory")
+    with pytest.raises(ValueError, match="cannot fuse"):
+        anomaly.Calibration.named("mahalanobis+memory3")
 
 
 def test_choose_tries_the_fused_candidates_only_with_a_memory_map():
@@ -248,5 +252,5 @@ def test_choose_tries_the_fused_candidates_only_with_a_memory_map():
     normal = np.array([True] * 8 + [False] * 4)
     labels = (~normal).astype(int)
     with_memory = select.choose(raw, normal, labels, None, levels=2)
-    assert {"texture+memory", "texture2+memory", "mahalanobis+memory"} <= set(with_memory["table"])
+    assert {"texture+memory", "texture2+memory3", "mahalanobis+memory"} <= set(with_memory["table"])
     assert not any(k.endswith("+memory") for k in select.choose(raw[:, :2], normal, labels, None)["table"])

@@ -133,11 +133,25 @@ CALIBRATED = tuple(_NEEDS)
 # levels whose units differ (pixel errors against feature distances).
 MEMORY = "+memory"
 FUSABLE = ("texture", "texture2", "mahalanobis")
+# the memory's weight against the noise levels' mean, per suffix: equal, or three to one (texture
+# and texture2; mahalanobis weighs by the joint covariance and takes "+memory" alone)
+MEMORY_WEIGHTS = {"+memory": 0.5, "+memory3": 0.75}
 
 
-def split_kind(name: str) -> tuple[str, bool]:
-    """"texture+memory" -> ("texture", True); "pixel" -> ("pixel", False)."""
-    return (name[:-len(MEMORY)], True) if name.endswith(MEMORY) else (name, False)
+def fused_names(kind: str) -> list[str]:
+    """The fused candidates of a calibration kind ([] where it cannot fuse)."""
+    if kind not in FUSABLE:
+        return []
+    return [kind + MEMORY] if kind == "mahalanobis" else [kind + suffix for suffix in MEMORY_WEIGHTS]
+
+
+def split_kind(name: str) -> tuple[str, float]:
+    """"texture+memory" -> ("texture", 0.5); "texture+memory3" -> ("texture", 0.75); "pixel" -> ("pixel", 0.0):
+    the kind and the memory's weight (0: the reconstruction alone)."""
+    for suffix, weight in MEMORY_WEIGHTS.items():
+        if name.endswith(suffix):
+            return name[:-len(suffix)], weight
+    return name, 0.0
 LOG_EPS = 1e-3  # error energies are |x - x_hat| in [0, 2]; log(e + eps) keeps flat regions finite
 
 
@@ -156,20 +170,24 @@ class Calibration:
     - mahalanobis: the vector of log energies over the noise levels against their mean and
       covariance on normal val pixels: unusual in either direction at any noise level, and in
       how the error changes with the noise level.
-    With `memory`, the raw stack's last map is PatchCore's memory distance: texture and texture2
-    average the noise levels' z-scores, then average that with the memory's z-score (the two
-    sources weigh the same); mahalanobis takes it as one more dimension.
+    With `memory` (a weight), the raw stack's last map is PatchCore's memory distance: texture and
+    texture2 average the noise levels' z-scores, then blend that with the memory's z-score
+    ("+memory": equal weights; "+memory3": three parts memory to one); mahalanobis takes it as
+    one more dimension.
     """
 
     kind: str
     arrays: dict = field(default_factory=dict)  # fitted statistics, plain tensors
-    memory: bool = False  # fuses the memory distance, the raw stack's last level (the caller passes it or not)
+    # the memory distance's weight (0: not fused); it is the raw stack's last level (the caller
+    # passes it or not)
+    memory: float = 0.0
 
     def __post_init__(self):
         if self.kind not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.kind!r}; expected one of {CALIBRATIONS}")
-        if self.memory and self.kind not in FUSABLE:
-            raise ValueError(f"calibration {self.kind!r} cannot fuse the memory distance; one of {FUSABLE} can")
+        if self.memory and self.name not in fused_names(self.kind):
+            raise ValueError(f"calibration {self.kind!r} cannot fuse the memory distance with weight "
+                             f"{self.memory}; these can: {[n for k in FUSABLE for n in fused_names(k)]}")
 
     @classmethod
     def named(cls, name: str) -> "Calibration":
@@ -178,7 +196,8 @@ class Calibration:
 
     @property
     def name(self) -> str:
-        return self.kind + (MEMORY if self.memory else "")
+        suffix = next((s for s, w in MEMORY_WEIGHTS.items() if w == self.memory), "") if self.memory else ""
+        return self.kind + suffix
 
     @property
     def fitted(self) -> bool:
@@ -217,9 +236,10 @@ class Calibration:
         g = torch.log(raw + LOG_EPS)
         if self.kind in ("texture", "texture2"):
             z = (g - a["loc"].view(1, -1, 1, 1)) / a["scale"].view(1, -1, 1, 1)
-            if self.memory:  # the two sources weigh the same: the noise levels' mean, then the memory
-                z = torch.cat([z[:, :-1].mean(dim=1, keepdim=True), z[:, -1:]], dim=1)
-            z = z.mean(dim=1, keepdim=True)
+            if self.memory:  # the noise levels' mean and the memory, weighted
+                z = (1 - self.memory) * z[:, :-1].mean(dim=1, keepdim=True) + self.memory * z[:, -1:]
+            else:
+                z = z.mean(dim=1, keepdim=True)
             return z.abs() if self.kind == "texture2" else z
         d = g - a["mean"].view(1, -1, 1, 1)
         q = torch.einsum("nihw,ij,njhw->nhw", d, a["precision"], d)

@@ -47,12 +47,13 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
 
     raw: (N, T, H, W) val maps; normal: (N,) bool, the normal val images; labels: (N,) 0/1;
     masks: (N, H, W) or None. `levels`: how many of the T maps are noise levels, when the last
-    is the memory distance (T = levels + 1): then the fusable candidates are also tried with it,
-    as "<kind>+memory", after every reconstruction-only candidate (which win ties).
+    is the memory distance (T = levels + 1): then the fusable candidates are also tried with it
+    (`anomaly.fused_names`: "<kind>+memory", "<kind>+memory3"), after every reconstruction-only
+    candidate (which win ties).
     """
     levels = raw.shape[1] if levels is None else levels
     if raw.shape[1] > levels:
-        candidates = tuple(candidates) + tuple(k + anomaly.MEMORY for k in candidates if k in anomaly.FUSABLE)
+        candidates = tuple(candidates) + tuple(n for k in candidates for n in anomaly.fused_names(k))
     normal_idx = np.flatnonzero(normal)
     check_normal_count(len(normal_idx), candidates)
     fit_pos, judge_pos = _halves(len(normal_idx))
