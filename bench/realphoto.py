@@ -109,6 +109,19 @@ def summarise(per_seed: list[dict]) -> dict:
     return out
 
 
+def merge(parts: list[dict]) -> dict:
+    """One results dict from several (e.g. one file per seed): every category's and method's
+    per-seed figures together (a seed found twice: the later file's), summarised again."""
+    seeds: dict = {}
+    for part in parts:
+        for cat, methods in part.items():
+            for method, m in methods.items():
+                for run in m.get("per_seed", []):
+                    seeds.setdefault(cat, {}).setdefault(method, {})[run["seed"]] = run
+    return {cat: {method: summarise([runs[k] for k in sorted(runs)]) for method, runs in methods.items()}
+            for cat, methods in seeds.items()}
+
+
 def table(results: dict) -> pd.DataFrame:
     """One row per category and method; the worst defect family by pixel AUROC (None without
     pixel figures, as for elpv)."""
@@ -140,7 +153,15 @@ def main(argv=None) -> None:
     parser.add_argument("--log", type=Path, default=ROOT / "bench/realphoto.log")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra params for every run (passed as -S); the default is none")
+    parser.add_argument("--tag", default="", help="appended to the experiments' names (rp-<category>-s<seed>-<tag>)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: merge the per-seed figures of these earlier --out files into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        results = merge([io.read_json(p) for p in args.merge])
+        io.write_json(args.out, results)
+        print(table(results).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        return
 
     started = time.perf_counter()
     data_dir = args.data_dir.resolve()
@@ -159,7 +180,7 @@ def main(argv=None) -> None:
                 folder = build_category(cat, data_dir, seed=args.data_seed)
             per_method: dict[str, list] = {m: [] for m in args.methods}
             for seed in args.seeds:
-                name = f"rp-{cat}-s{seed}"
+                name = f"rp-{cat}-s{seed}" + (f"-{args.tag}" if args.tag else "")
                 targets = [] if set(args.methods) == set(METHODS) else [f"evaluate@{m}" for m in args.methods]
                 cmd = ["dvc", "exp", "run", "--temp", "-f", "-n", name, "-S", f"data.source={folder}",
                        "-S", f"data.layout={layout(cat)}", "-S", f"seed={seed}"]
@@ -170,11 +191,13 @@ def main(argv=None) -> None:
                 seconds = time.perf_counter() - tick
                 ref = _exp_ref(name)
                 for m in args.methods:
-                    per_method[m].append({**_read_metrics(ref, m), "seed": seed})
+                    # what val chose for the map (calibration, sources), beside the test figures
+                    per_method[m].append({**_read_metrics(ref, m), "seed": seed,
+                                          "infer": _read_metrics(ref, f"infer_{m}")})
                 runs.append({"category": cat, "seed": seed, "seconds": round(seconds, 1), "command": " ".join(cmd + targets)})
                 print(f"{name}: {seconds / 60:.1f} min", flush=True)
-            results[cat] = {m: summarise(v) for m, v in per_method.items()}
-            io.write_json(args.out, results)  # atomic; partial results survive a kill
+                results[cat] = {m: summarise(v) for m, v in per_method.items()}
+                io.write_json(args.out, results)  # atomic; partial results survive a kill
 
     total = time.perf_counter() - started
     run_info = {"seconds": round(total, 1), "seeds": args.seeds, "methods": args.methods, "runs": runs}

@@ -144,3 +144,15 @@ def test_main_without_elpv_installs_nothing(tmp_path, monkeypatch):
     assert not any(c.startswith("evaluate@") for c in commands[0])  # every method: the whole pipeline
     assert list(json.loads((tmp_path / "rp.json").read_text())["moon"]) == list(realphoto.METHODS)
     assert "data" not in json.loads((tmp_path / "rp_run.json").read_text())
+
+
+def test_merge_joins_runs_of_separate_seeds_and_summarises_them_again():
+    a = {**_metrics(0.9, 0.8, {"hole": 0.7}), "seed": 0}
+    b = {**_metrics(0.7, 0.6, {"hole": 0.9}), "seed": 1}
+    b2 = {**_metrics(0.8, 0.6, {"hole": 0.9}), "seed": 1}  # seed 1 again, in a later file: it wins
+    parts = [{"moon": {"ddpm": realphoto.summarise([a])}}, {"moon": {"ddpm": realphoto.summarise([b])}},
+             {"moon": {"ddpm": realphoto.summarise([b2])}, "elpv": {"patchcore": realphoto.summarise([a])}}]
+    out = realphoto.merge(parts)
+    assert out["moon"]["ddpm"]["pixel_auroc"] == pytest.approx(0.85)
+    assert [r["seed"] for r in out["moon"]["ddpm"]["per_seed"]] == [0, 1]
+    assert out["elpv"]["patchcore"]["per_seed"] == [a]
