@@ -156,3 +156,19 @@ def test_merge_joins_runs_of_separate_seeds_and_summarises_them_again():
     assert out["moon"]["ddpm"]["pixel_auroc"] == pytest.approx(0.85)
     assert [r["seed"] for r in out["moon"]["ddpm"]["per_seed"]] == [0, 1]
     assert out["elpv"]["patchcore"]["per_seed"] == [a]
+
+
+def test_markdown_table_is_written_from_the_json():
+    import realphoto_table
+
+    a = {**_metrics(0.9, 0.8, {"hole": 0.7, "stain": 0.95}), "seed": 0,
+         "infer": {"map_calibration": "texture+memory", "score_calibration": "texture"}}
+    b = {**_metrics(0.7, 0.6, {"hole": 0.9, "stain": 0.85}), "seed": 1,
+         "infer": {"map_calibration": "image", "score_calibration": "texture"}}
+    main = {"moon": {"ddpm": realphoto.summarise([a, b])}}
+    pix = {"moon": {"ddpm": realphoto.summarise([b])}}
+    text = realphoto_table.markdown(main, [("ddpm, reconstruction only", pix, "ddpm")])
+    lines = text.splitlines()
+    assert lines[2] == ("| moon | `ddpm` | 0.800 (0.700-0.900) | 0.700 (0.600-0.800) | 0.700 (0.600-0.800) | "
+                        "hole 0.80 | 0,1 | texture+memory / texture; image / texture |")
+    assert lines[3].startswith("| moon | ddpm, reconstruction only | 0.700 | 0.600 | 0.600 | stain 0.85 | 1 |")

@@ -1,0 +1,91 @@
+"""The real-photo benchmark's results as Markdown, written from its JSON (so the README's tables
+cannot drift from the figures they quote).
+
+    python bench/realphoto_table.py                                   # bench/realphoto.json
+    python bench/realphoto_table.py bench/realphoto.json --variant 'ddpm, reconstruction only=bench/realphoto_pix.json:ddpm'
+
+One row per category and method: the mean over seeds of pixel AUROC, AUPRO and image AUROC (the
+range over seeds in brackets where there are several), the worst defect family's pixel AUROC,
+the seeds, and what val chose for the map (`metrics/infer_<method>.json`: calibration and sources,
+per seed). `--variant LABEL=FILE:METHOD` adds the rows of another run of the benchmark (e.g. with
+`--set infer.memory=false`) under its own label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("pixel_auroc", "aupro", "image_auroc")
+
+
+def _fmt(m: dict, key: str) -> str:
+    value = m.get(key)
+    if value is None:
+        return "n/a"
+    spread = (m.get("spread") or {}).get(key)
+    if spread and len(m.get("per_seed", [])) > 1:
+        return f"{value:.3f} ({spread[0]:.3f}-{spread[1]:.3f})"
+    return f"{value:.3f}"
+
+
+def _worst(m: dict) -> str:
+    found = [(d, v["pixel_auroc"]) for d, v in (m.get("per_defect") or {}).items() if v.get("pixel_auroc") is not None]
+    if not found:
+        return "n/a"
+    d, v = min(found, key=lambda dv: dv[1])
+    return f"{d} {v:.2f}"
+
+
+def _choice(m: dict) -> str:
+    picks = []
+    for run in m.get("per_seed", []):
+        infer = run.get("infer") or {}
+        if "map_calibration" in infer:
+            picks.append(f"{infer['map_calibration']} / {infer['score_calibration']}")
+        elif infer.get("map_sources"):
+            picks.append(infer["map_sources"])
+    return "; ".join(dict.fromkeys(picks)) or "n/a"
+
+
+def rows(results: dict, label: dict | None = None) -> list[str]:
+    out = []
+    for cat, methods in results.items():
+        for method, m in methods.items():
+            name = (label or {}).get(method, f"`{method}`")
+            seeds = ",".join(str(r["seed"]) for r in m.get("per_seed", []))
+            out.append(f"| {cat} | {name} | " + " | ".join(_fmt(m, k) for k in FIGURES)
+                       + f" | {_worst(m)} | {seeds} | {_choice(m)} |")
+    return out
+
+
+def markdown(main: dict, variants: list[tuple[str, dict, str]] = ()) -> str:
+    by_cat: dict[str, list[str]] = {}
+    for line in rows(main):
+        by_cat.setdefault(line.split(" | ")[0][2:], []).append(line)
+    for label, results, method in variants:
+        part = {c: {method: ms[method]} for c, ms in results.items() if method in ms}
+        for line in rows(part, {method: label}):
+            by_cat.setdefault(line.split(" | ")[0][2:], []).append(line)
+    head = ["| category | method | pixel AUROC | AUPRO | image AUROC | worst family (pixel AUROC) | seeds | "
+            "val chose (map / score calibration) |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + [line for lines in by_cat.values() for line in lines]) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench/realphoto.json")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FILE:METHOD")
+    args = parser.parse_args(argv)
+    variants = []
+    for spec in args.variant:
+        label, rest = spec.split("=", 1)
+        path, method = rest.rsplit(":", 1)
+        variants.append((label, json.loads(Path(path).read_text()), method))
+    print(markdown(json.loads(args.results.read_text()), variants), end="")
+
+
+if __name__ == "__main__":
+    main()
