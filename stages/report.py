@@ -20,12 +20,15 @@ TRAINING = {"ddpm": ("pretrain_ddpm",), "rddpm": ("train_robust_ddpm",), "gan": 
             "patchcore": ("train_patchcore",)}
 
 
-def table(results: dict[str, dict]) -> pd.DataFrame:
-    """Rows = methods, columns = the metric keys; per-defect rows follow as method/defect."""
-    rows = [{"method": method, **{k: res.get(k) for k in KEYS}} for method, res in results.items()]
+def table(results: dict[str, dict], sources: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rows = methods, columns = the metric keys; per-defect rows follow as method/defect.
+    `sources`: what each method's map is made of (metrics/infer_<method>.json's map_sources)."""
+    sources = sources or {}
+    rows = [{"method": method, "map": sources.get(method), **{k: res.get(k) for k in KEYS}}
+            for method, res in results.items()]
     for method, res in results.items():
         for defect, sub in sorted(res.get("per_defect", {}).items()):
-            rows.append({"method": f"{method} / {defect}", **{k: sub.get(k) for k in KEYS}})
+            rows.append({"method": f"{method} / {defect}", "map": sources.get(method), **{k: sub.get(k) for k in KEYS}})
     return pd.DataFrame(rows)
 
 
@@ -50,12 +53,15 @@ def _read(path, stage: str) -> dict:
 
 def main(params) -> None:
     results = {m: _read(ROOT / f"metrics/{m}.json", f"evaluate@{m}") for m in METHODS}
+    sources = {m: _read(ROOT / f"metrics/infer_{m}.json", f"infer@{m}").get("map_sources") for m in METHODS}
     names = sorted({s for stages in TRAINING.values() for s in stages} | {f"infer_{m}" for m in METHODS})
     timing = {s: _read(ROOT / f"metrics/timing/{s}.json", s.replace("infer_", "infer@")) for s in names}
     text = ("# anodiff: all methods on the test split\n\n"
             "Thresholds chosen on the validation split; `null` = undefined (no masks or one class).\n"
+            "`map`: what the map is made of, as val chose it (`reconstruction+memory`: the diffusion "
+            "map fuses in PatchCore's memory distance, which the `patchcore` row shows alone).\n"
             "Speed: metrics/timing/summary.md.\n\n"
-            + table(results).to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")
+            + table(results, sources).to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")
     speed = ("# anodiff: what each method cost on this machine\n\n"
              "Seconds of the training stages each method needs and of its inference (varies run to "
              "run; each stage's figures: metrics/timing/<stage>.json).\n\n"
