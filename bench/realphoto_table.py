@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("pixel_auroc", "aupro", "image_auroc")
+BEGIN, END = "<!-- realphoto-table: bench/realphoto_table.py -->", "<!-- /realphoto-table -->"
 
 
 def _fmt(m: dict, key: str) -> str:
@@ -78,13 +79,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench/realphoto.json")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FILE:METHOD")
+    parser.add_argument("--into", type=Path, metavar="MARKDOWN",
+                        help=f"replace the lines between {BEGIN!r} and {END!r} in this file (e.g. README.md)")
     args = parser.parse_args(argv)
     variants = []
     for spec in args.variant:
         label, rest = spec.split("=", 1)
         path, method = rest.rsplit(":", 1)
         variants.append((label, json.loads(Path(path).read_text()), method))
-    print(markdown(json.loads(args.results.read_text()), variants), end="")
+    text = markdown(json.loads(args.results.read_text()), variants)
+    if args.into is None:
+        print(text, end="")
+        return
+    doc = args.into.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"error: {args.into}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    args.into.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
 
 
 if __name__ == "__main__":

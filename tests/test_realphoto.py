@@ -172,3 +172,19 @@ def test_markdown_table_is_written_from_the_json():
     assert lines[2] == ("| moon | `ddpm` | 0.800 (0.700-0.900) | 0.700 (0.600-0.800) | 0.700 (0.600-0.800) | "
                         "hole 0.80 | 0,1 | texture+memory / texture; image / texture |")
     assert lines[3].startswith("| moon | ddpm, reconstruction only | 0.700 | 0.600 | 0.600 | stain 0.85 | 1 |")
+
+
+def test_table_replaces_only_its_block_in_a_markdown_file(tmp_path):
+    import realphoto_table
+
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"moon": {"ddpm": realphoto.summarise([{**_metrics(0.9, 0.8, {}), "seed": 0}])}}))
+    doc = tmp_path / "README.md"
+    doc.write_text(f"before\n{realphoto_table.BEGIN}\nold table\n{realphoto_table.END}\nafter\n")
+    realphoto_table.main([str(res), "--into", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{realphoto_table.END}\nafter\n")
+    assert "old table" not in text and "| moon | `ddpm` | 0.900 |" in text
+    doc.write_text("no block\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        realphoto_table.main([str(res), "--into", str(doc)])
