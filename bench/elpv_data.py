@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's anodiff
+from anodiff import io  # noqa: E402
 
 CATEGORY = "elpv"
 PACKAGE = "elpv-dataset"
@@ -126,23 +128,12 @@ def build_elpv(root: Path, seed: int = 0, source: Path | None = None, n_normal: 
     (default: the installed package's data folder); returns <root>/elpv."""
     source = default_source() if source is None else Path(source)
     chosen = sample(mono_files(source), seed, n_normal, n_anomalous)
-    root = Path(root)
-    final, tmp = root / CATEGORY, root / f".{CATEGORY}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    final = Path(root) / CATEGORY
+    with io.atomic_dir(final) as tmp:  # built beside it, renamed into place whole
         for cls, paths in chosen.items():
             (tmp / cls).mkdir()
             for rel in paths:
                 shutil.copyfile(source / rel, tmp / cls / Path(rel).name)  # the bytes only
-        old = root / f".{CATEGORY}.old-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
