@@ -187,3 +187,10 @@ def test_load_params_reads_an_exponent_float(tmp_path):
     p = load_params(path)
     assert p.gan.lr == 5e-5 and isinstance(p.gan.lr, float)
     assert isinstance(p.data.image_size, int) and isinstance(p.data.augment.rot90, bool)
+
+
+@pytest.mark.parametrize("size, message", [(16, r"patchcore\.image_size: .*(32|greater)"),
+                                           (40, r"patchcore\.image_size: 40 must be a multiple of 16")])
+def test_an_extractor_size_its_strides_cannot_take_is_named(size, message):
+    with pytest.raises(ConfigError, match=message):
+        parse({"patchcore": {"image_size": size}})
