@@ -75,10 +75,51 @@ def markdown(main: dict, variants: list[tuple[str, dict, str]] = ()) -> str:
     return "\n".join(head + [line for lines in by_cat.values() for line in lines]) + "\n"
 
 
+def versus(main: dict, method: str = "ddpm", reference: str = "patchcore", pixel: dict | None = None) -> str:
+    """Per category: `method` minus `reference` on each figure (means over the seeds both ran), and,
+    with `pixel` (the same benchmark with the reconstruction alone), `method` minus the better of
+    the two ("best of both": within -0.01 on every figure is the target)."""
+    head = [f"| category | `{method}` - `{reference}` (pixel AUROC / AUPRO / image AUROC) | "
+            + (f"`{method}` - best of (`{reference}`, `{method}` reconstruction only) | " if pixel else "") + "seeds |",
+            "|---|---|" + ("---|" if pixel else "") + "---|"]
+    out = []
+
+    def mean(m, key, seeds):
+        values = [r[key] for r in m["per_seed"] if r["seed"] in seeds and r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    def diff(a, b):
+        return "n/a" if a is None or b is None else f"{a - b:+.3f}"
+
+    for cat, methods in main.items():
+        if method not in methods or reference not in methods:
+            continue
+        m, r = methods[method], methods[reference]
+        seeds = {x["seed"] for x in m["per_seed"]} & {x["seed"] for x in r["per_seed"]}
+        p = (pixel or {}).get(cat, {}).get(method)
+        if p is not None:
+            seeds &= {x["seed"] for x in p["per_seed"]}
+        row = " / ".join(diff(mean(m, k, seeds), mean(r, k, seeds)) for k in FIGURES)
+        line = f"| {cat} | {row} | "
+        if pixel and p is None:  # no run with the reconstruction alone: no best-of-both figure
+            line += "n/a | "
+        elif pixel:
+            best = []
+            for k in FIGURES:
+                others = [v for v in (mean(r, k, seeds), mean(p, k, seeds) if p else None) if v is not None]
+                best.append(diff(mean(m, k, seeds), max(others) if others else None))
+            line += " / ".join(best) + " | "
+        out.append(line + ",".join(map(str, sorted(seeds))) + " |")
+    return "\n".join(head + out) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench/realphoto.json")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FILE:METHOD")
+    parser.add_argument("--versus", action="store_true",
+                        help="also: ddpm minus patchcore per category (and minus the better of the two, with --pixel)")
+    parser.add_argument("--pixel", type=Path, metavar="JSON", help="the benchmark run with infer.memory=false")
     parser.add_argument("--into", type=Path, metavar="MARKDOWN",
                         help=f"replace the lines between {BEGIN!r} and {END!r} in this file (e.g. README.md)")
     args = parser.parse_args(argv)
@@ -88,6 +129,9 @@ def main(argv=None) -> None:
         path, method = rest.rsplit(":", 1)
         variants.append((label, json.loads(Path(path).read_text()), method))
     text = markdown(json.loads(args.results.read_text()), variants)
+    if args.versus:
+        pixel = json.loads(args.pixel.read_text()) if args.pixel else None
+        text += "\n" + versus(json.loads(args.results.read_text()), pixel=pixel)
     if args.into is None:
         print(text, end="")
         return

@@ -188,3 +188,20 @@ def test_table_replaces_only_its_block_in_a_markdown_file(tmp_path):
     doc.write_text("no block\n")
     with pytest.raises(SystemExit, match="no .* block"):
         realphoto_table.main([str(res), "--into", str(doc)])
+
+
+def test_versus_gives_the_differences_on_the_seeds_both_ran():
+    import realphoto_table
+
+    def run(pix, img, seed):
+        return {**_metrics(pix, img, {}), "seed": seed}
+
+    main = {"moon": {"ddpm": realphoto.summarise([run(0.9, 0.8, 0), run(0.7, 0.8, 1)]),
+                     "patchcore": realphoto.summarise([run(0.8, 0.9, 0)])},
+            "hubble": {"ddpm": realphoto.summarise([run(0.9, 0.8, 0)]),
+                       "patchcore": realphoto.summarise([run(0.8, 0.9, 0)])}}
+    pixel = {"moon": {"ddpm": realphoto.summarise([run(0.95, 0.7, 0)])}}
+    lines = realphoto_table.versus(main, pixel=pixel).splitlines()
+    # seed 0 only (patchcore ran no seed 1); best of (0.8, 0.95) pixel AUROC, (0.7, 0.85) AUPRO, (0.9, 0.7) image
+    assert lines[2] == "| moon | +0.100 / +0.100 / -0.100 | -0.050 / -0.050 / -0.100 | 0 |"
+    assert lines[3] == "| hubble | +0.100 / +0.100 / -0.100 | n/a | 0 |"
