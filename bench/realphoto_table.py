@@ -79,9 +79,9 @@ def versus(main: dict, method: str = "ddpm", reference: str = "patchcore", pixel
     """Per category: `method` minus `reference` on each figure (means over the seeds both ran), and,
     with `pixel` (the same benchmark with the reconstruction alone), `method` minus the better of
     the two ("best of both": within -0.01 on every figure is the target)."""
-    head = [f"| category | `{method}` - `{reference}` (pixel AUROC / AUPRO / image AUROC) | "
-            + (f"`{method}` - best of (`{reference}`, `{method}` reconstruction only) | " if pixel else "") + "seeds |",
-            "|---|---|" + ("---|" if pixel else "") + "---|"]
+    head = [f"| category | `{method}` - `{reference}` (pixel AUROC / AUPRO / image AUROC) | seeds | "
+            + (f"`{method}` - best of (`{reference}`, `{method}` reconstruction only) | seeds |" if pixel else ""),
+            "|---|---|---|" + ("---|---|" if pixel else "")]
     out = []
 
     def mean(m, key, seeds):
@@ -89,27 +89,26 @@ def versus(main: dict, method: str = "ddpm", reference: str = "patchcore", pixel
         return sum(values) / len(values) if values else None
 
     def diff(a, b):
-        return "n/a" if a is None or b is None else f"{a - b:+.3f}"
+        return "n/a" if a is None or b is None else f"{round(a - b, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
 
     for cat, methods in main.items():
         if method not in methods or reference not in methods:
             continue
         m, r = methods[method], methods[reference]
         seeds = {x["seed"] for x in m["per_seed"]} & {x["seed"] for x in r["per_seed"]}
-        p = (pixel or {}).get(cat, {}).get(method)
-        if p is not None:
-            seeds &= {x["seed"] for x in p["per_seed"]}
         row = " / ".join(diff(mean(m, k, seeds), mean(r, k, seeds)) for k in FIGURES)
-        line = f"| {cat} | {row} | "
+        line = f"| {cat} | {row} | {','.join(map(str, sorted(seeds)))} |"
+        p = (pixel or {}).get(cat, {}).get(method)
         if pixel and p is None:  # no run with the reconstruction alone: no best-of-both figure
-            line += "n/a | "
+            line += " n/a | |"
         elif pixel:
+            both = seeds & {x["seed"] for x in p["per_seed"]}
             best = []
             for k in FIGURES:
-                others = [v for v in (mean(r, k, seeds), mean(p, k, seeds) if p else None) if v is not None]
-                best.append(diff(mean(m, k, seeds), max(others) if others else None))
-            line += " / ".join(best) + " | "
-        out.append(line + ",".join(map(str, sorted(seeds))) + " |")
+                others = [v for v in (mean(r, k, both), mean(p, k, both)) if v is not None]
+                best.append(diff(mean(m, k, both), max(others) if others else None))
+            line += " " + " / ".join(best) + f" | {','.join(map(str, sorted(both)))} |"
+        out.append(line)
     return "\n".join(head + out) + "\n"
 
 
