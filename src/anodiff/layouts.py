@@ -1,7 +1,7 @@
 """Source folder -> records: which image goes to which split, with which label and mask.
 
 Path discovery only: files are listed here (through io.py) but opened by data.py.
-Layouts (see DESIGN.md) and how each forms its splits, all stratified per class and drawn
+Layouts (README, "Your own images") and how each forms its splits, all stratified per class and drawn
 from `seed` over sorted file lists:
 - `mvtec`: train/good -> train normal. Of each defect's test images, a
   `train_anomalous_fraction` share becomes train anomalous (the GAN's labelled side
