@@ -1,13 +1,46 @@
-"""`anodiff predict`: apply a trained method to new images.
+"""`anodiff predict`: score new images with a method the pipeline trained.
 
+Workflow: train and evaluate with the pipeline, then point predict at your images.
+
+    dvc repro                      # or just one method: dvc repro evaluate@ddpm
     anodiff predict --method ddpm slab1.png slab2.png folder/ --out predictions/
+    python -m anodiff predict --project ~/anodiff --method patchcore photos/ --out scored/
 
-Uses the pipeline's outputs: the DDPM checkpoint (and the GAN generator for `gan`; the memory
-bank for `patchcore`, and for a diffusion method whose map fuses the memory distance), the
-normal-image statistics, settings and seed stored by `infer` in data/maps/<method>/, and the
-thresholds chosen on the validation split in metrics/<method>.json. An image's noise is drawn
-from its own stream, seeded by infer's seed and its pixels, so it gets the score infer gave it. Writes one heat-map
-overlay PNG per image and predictions.csv (path, score, anomalous at the chosen threshold).
+What predict reads, in the project (`--project`, default: the current folder): the checkpoints,
+settings, normal-image statistics and seed that `infer` recorded in data/maps/<method>/meta.json
+and maps.npz (the DDPM, the GAN generator for `gan`, the memory bank for `patchcore` and for a
+diffusion method whose map fuses the memory distance; their paths are relative to the project),
+the thresholds that `evaluate` chose on the validation split (metrics/<method>.json
+`thresholds`: "image" for the verdict, "pixel" for the mask) and `data.skip_bad_files` from
+params.yaml (false when there is none). --maps, --metrics, --checkpoint, --generator, the inputs
+and --out are relative to the current folder. A method is available once `dvc repro
+infer@<method>` has written its meta.json; its verdicts need `dvc repro evaluate@<method>` (or
+--threshold).
+
+Each image is read as the pipeline read its training images (converted to the model's channel
+count: grayscale replicated to RGB, RGB to luminance, alpha composited on black; resized to the
+model's square size) and scored exactly as infer scored it: its noise is drawn from its own
+stream, seeded by infer's seed and its pixels, so its score, and its verdict at the image
+threshold, are the ones infer and evaluate measured, whatever the batch (--batch-size) or the
+other images. Images are streamed batch by batch: memory does not grow with their number.
+
+Output layout (`--out`, default predictions/; written to a temporary folder beside it and
+renamed into place at the end, so a failure leaves no partial --out; an existing non-empty
+--out is refused unless --force, which replaces it whole):
+
+    predictions.csv         path, score, anomalous (score >= threshold), threshold (the image
+                            threshold used), map, mask, overlay (paths relative to --out)
+    maps/NNNN_<stem>.npy    the anomaly map, float32, at the image's own height x width
+                            (resized bilinearly from the model's size)
+    masks/NNNN_<stem>.png   the predicted defect region, 0/255 8-bit, at the image's own size:
+                            map >= the pixel threshold (none when no pixel threshold is known)
+    overlays/NNNN_<stem>.png  the image with the predicted region outlined, and the map as a
+                            heat map over it with its colour bar (the pixel threshold marked)
+
+NNNN is the row of the image in predictions.csv. Inputs: image files and folders (their images,
+sorted by name, not recursive). An unreadable file, or one smaller than 8 px a side, stops
+predict with one line naming it (exit 2, nothing written); inside a folder it is skipped with a
+warning instead when the project's params.yaml has `data.skip_bad_files: true`.
 """
 
 from __future__ import annotations
@@ -17,8 +50,11 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from anodiff import features, io, patchcore, plots
 from anodiff.config import Infer
@@ -26,8 +62,35 @@ from anodiff.detector import Detector
 from anodiff.features import FeatureExtractor
 from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
 
+METHODS = ("ddpm", "rddpm", "gan", "patchcore")
+MIN_SIDE = 8  # px: a smaller image has no structure to score
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("anodiff")
+    except metadata.PackageNotFoundError:
+        from anodiff import __version__
+
+        return __version__
+
+
+def _in_project(args, path) -> Path:
+    """A path recorded by the pipeline (relative to the project root) as seen from here."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(args.project) / path
+
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
+    """The image files named, and the images of the folders named (sorted by name)."""
+    return [f for f, _ in _collect(inputs)]
+
+
+def _collect(inputs: list[str]) -> list[tuple[Path, bool]]:
+    """(file, whether it came from a folder) for every input."""
     files = []
     for item in inputs:
         p = Path(item)
@@ -35,9 +98,9 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             found = io.list_images(p)
             if not found:
                 raise DataError(f"{p}: folder holds no images ({', '.join(io.IMAGE_EXTENSIONS)})")
-            files.extend(found)
+            files.extend((f, True) for f in found)
         elif p.exists():
-            files.append(p)
+            files.append((p, False))
         else:
             raise DataError(f"{p}: no such file or folder")
     return files
@@ -54,8 +117,15 @@ def check_out(out: Path, reads: list[Path]) -> None:
             raise DataError(f"--out {out}: would replace {p}, which predict reads; choose another folder")
 
 
+def check_out_empty(out: Path, force: bool) -> None:
+    """An existing --out that holds anything is replaced only with --force."""
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise DataError(f"--out {out}: exists and is not empty; pass --force to replace it whole, "
+                        f"or choose another folder")
+
+
 def _thresholds(args) -> dict:
-    metrics_path = Path(args.metrics or f"metrics/{args.method}.json")
+    metrics_path = Path(args.metrics) if args.metrics else _in_project(args, f"metrics/{args.method}.json")
     thresholds = {"pixel": None, "image": None}
     if metrics_path.exists():
         stored_thr = io.read_artefact(metrics_path, io.read_json)
@@ -66,9 +136,23 @@ def _thresholds(args) -> dict:
     return thresholds
 
 
+def _maps_dir(args) -> Path:
+    return Path(args.maps) if args.maps else _in_project(args, f"data/maps/{args.method}")
+
+
+def available_methods(project) -> list[str]:
+    """The methods whose `infer` output (data/maps/<method>/meta.json) the project holds."""
+    return [m for m in METHODS if (Path(project) / "data" / "maps" / m / "meta.json").is_file()]
+
+
 def _read_meta(args) -> tuple[dict, Path, Path]:
-    maps_dir = Path(args.maps or f"data/maps/{args.method}")
+    maps_dir = _maps_dir(args)
     meta_path, npz_path = maps_dir / "meta.json", maps_dir / "maps.npz"
+    if not args.maps and not meta_path.exists():
+        there = available_methods(args.project)
+        raise CheckpointError(f"{meta_path}: missing: method {args.method} has no infer output in project "
+                              f"{args.project} (available there: {', '.join(there) or 'none'}); "
+                              f"run `dvc repro infer@{args.method}` there first (or pass --maps)")
     for p in (meta_path, npz_path):
         if not p.exists():
             raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
@@ -90,8 +174,8 @@ def _memory_scorer(spec, meta_path: Path, method: str, channels: int):
 def load_patchcore(args):
     """(scorer, its input size, image size, channels, thresholds) of the patchcore method."""
     meta, meta_path, _ = _read_meta(args)
-    spec = {"model": args.checkpoint or meta.get("model"), "settings": meta.get("settings"),
-            "input_size": meta.get("input_size")}
+    model = args.checkpoint or (_in_project(args, meta["model"]) if meta.get("model") else None)
+    spec = {"model": model, "settings": meta.get("settings"), "input_size": meta.get("input_size")}
     try:
         size, channels = int(meta["image_size"]), int(meta["channels"])
     except (KeyError, TypeError, ValueError):
@@ -115,9 +199,9 @@ def load_detector(args):
     if not (args.checkpoint or meta.get("model")):
         raise CheckpointError(f"{meta_path}: no 'model' recorded; rerun `dvc repro infer@{args.method}` "
                               f"(or pass --checkpoint)")
-    ddpm = Path(args.checkpoint or meta["model"])
-    generator = args.generator or meta.get("generator")
-    generator = Path(generator) if generator else None
+    ddpm = Path(args.checkpoint) if args.checkpoint else _in_project(args, meta["model"])
+    generator = Path(args.generator) if args.generator else (
+        _in_project(args, meta["generator"]) if meta.get("generator") else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
     if settings.error == "feature":
@@ -148,17 +232,83 @@ def load_detector(args):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{npz_path}: statistics do not match {ddpm} (image size {det.image_size}, "
                               f"{len(det.levels())} noise level(s): {first}); rerun `dvc repro infer@{args.method}`") from None
-    memory = _memory_scorer(meta.get("memory"), meta_path, args.method, det.channels) if det.uses_memory() else None
+    memory = None
+    if det.uses_memory():
+        spec = meta.get("memory")
+        if isinstance(spec, dict) and spec.get("model"):
+            spec = {**spec, "model": _in_project(args, spec["model"])}
+        memory = _memory_scorer(spec, meta_path, args.method, det.channels)
     seed = args.seed if args.seed is not None else meta.get("seed", 0)
     return det, _thresholds(args), memory, seed
 
 
+# ---------------------------------------------------------------- inputs
+def _skip_bad_files(args) -> tuple[bool, Path]:
+    """The project's `data.skip_bad_files` (false without a params.yaml) and the file it is from."""
+    path = Path(args.project) / "params.yaml"
+    if not path.is_file():
+        return False, path
+    from anodiff.config import load_params
+
+    return bool(load_params(path).data.skip_bad_files), path
+
+
+def check_images(args, inputs: list[tuple[Path, bool]]) -> list[Path]:
+    """Decode every input once before any work: an unreadable or tiny file stops predict with one
+    line naming it; one found in a folder is skipped with a warning under `data.skip_bad_files`."""
+    keep, skip = [], None
+    for f, in_folder in inputs:
+        try:
+            w, h = io.image_size_of(f)
+            if min(w, h) < MIN_SIDE:
+                raise BadImageError(f, f"{w}x{h} px; predict needs at least {MIN_SIDE} px a side")
+        except BadImageError as exc:
+            if not in_folder:
+                raise
+            if skip is None:
+                skip = _skip_bad_files(args)
+            if not skip[0]:
+                raise BadImageError(f, f"{exc.reason} (data.skip_bad_files: true in {skip[1]} "
+                                       f"skips it with a warning)") from None
+            print(f"warning: {exc}; skipped (data.skip_bad_files: true in {skip[1]})", file=sys.stderr)
+            continue
+        keep.append(f)
+    if not keep:
+        raise DataError("no readable image among the inputs (every one was skipped)")
+    return keep
+
+
+def _own_image(path: Path, channels: int) -> np.ndarray:
+    """(H, W, C) uint8 at the file's own size, in the model's channel count."""
+    arr = np.asarray(io.to_mode(io._open(path), channels), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def own_size(amap: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """A (S, S) map at the model's size -> (height, width) float32, bilinear."""
+    m = amap.detach().float().cpu().reshape(1, 1, *amap.shape[-2:])
+    if tuple(m.shape[-2:]) != (height, width):
+        m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
+    return m[0, 0].numpy().astype(np.float32)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with io.atomic_write(path, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+
+
+# ---------------------------------------------------------------- predict
 def predict(args) -> int:
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise DataError(f"--threshold: {args.threshold} is not a finite number")
-    files = collect_inputs(args.inputs)
-    given = [args.maps or f"data/maps/{args.method}", args.checkpoint, args.generator, args.metrics]
-    check_out(Path(args.out), files + [Path(p) for p in args.inputs] + [Path(p) for p in given if p])
+    if not Path(args.project).is_dir():
+        raise DataError(f"--project {args.project}: no such folder (the pipeline's project root)")
+    inputs = _collect(args.inputs)
+    files = [f for f, _ in inputs]
+    given = [_maps_dir(args), args.checkpoint, args.generator,
+             args.metrics or _in_project(args, f"metrics/{args.method}.json")]
+    out = Path(args.out)
+    check_out(out, files + [Path(p) for p in args.inputs] + [Path(p) for p in given if p])
     memory = None  # (PatchCore scorer, the size its inputs are read at)
     if args.method == "patchcore":
         scorer, input_size, size, channels, thr = load_patchcore(args)
@@ -166,56 +316,127 @@ def predict(args) -> int:
     else:
         det, thr, memory, seed = load_detector(args)
         size, channels = det.image_size, det.channels
-    images, feature_inputs = [], []
-    for f in files:  # read everything first: a bad image stops before anything is written
-        images.append(io.read_image(f, size, channels))
-        if memory is not None and memory[1] != size:  # the features see the photograph's detail
-            feature_inputs.append(io.read_image(f, memory[1], channels))
-    x = torch.stack(images)
+    files = check_images(args, inputs)  # a bad image stops before anything is computed or written
+    check_out_empty(out, args.force)
+    # the model and the memory bank's extractor see the batches of one pass over all the images
+    # (groups of infer's and patchcore's batch_size, in input order): a step of a multiple of
+    # those gives every image the very same floating-point result, whatever --batch-size
+    group = 1
+    if args.method != "patchcore":
+        group = det.settings.batch_size
     if memory is not None:
-        with torch.no_grad():
-            memory_maps = memory[0].maps(torch.stack(feature_inputs) if feature_inputs else x, out_size=size)
-    if args.method == "patchcore":
-        maps, recon = memory_maps, x
-        scores = maps.flatten(1).max(dim=1).values
-    else:
-        # the noise infer drew for these very images (each image's own stream: Detector.raw_maps)
-        raw, recon = det.raw_maps(x, Detector.noise_generator(seed), progress=not args.quiet, desc="predict")
+        group = math.lcm(group, int(memory[0].settings.get("batch_size", 1)))
+    step = -(-args.batch_size // group) * group
+
+    def score(chunk: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps (n, 1, S, S) and scores (n,) at the model's size S, as infer computed them."""
+        x = torch.stack([io.read_image(f, size, channels) for f in chunk])
+        if memory is not None:
+            feats = (torch.stack([io.read_image(f, memory[1], channels) for f in chunk])
+                     if memory[1] != size else x)  # the features see the photograph's detail
+            with torch.no_grad():
+                memory_maps = memory[0].maps(feats, out_size=size)
+        if args.method == "patchcore":
+            return memory_maps, memory_maps.flatten(1).max(dim=1).values
+        # the noise infer drew for these very images: each image's own stream, from one draw of the
+        # seed's generator (Detector.raw_maps), so a fresh generator per batch gives each its noise
+        raw, _ = det.raw_maps(x, Detector.noise_generator(seed), progress=False, desc="predict")
         if memory is not None:
             raw = torch.cat([raw, memory_maps], dim=1)
-        maps, scores = det.finish(raw)
-    out = Path(args.out)
-    names = [f"{i:04d}_{f.stem}.png" for i, f in enumerate(files)]
-    with io.atomic_dir(out) as tmp:
-        for name, img, rec, m in zip(names, x, recon, maps):
-            plots.write_overlay(tmp / name, io.tensor_to_uint8(img), io.tensor_to_uint8(rec),
-                                m[0].numpy(), thr["pixel"])
-        table = pd.DataFrame({"path": [str(f) for f in files], "overlay": names,
-                              "score": scores.numpy().round(6)})
+        return det.finish(raw)
+
+    rows = []
+    with io.atomic_dir(out) as tmp, tqdm(total=len(files), desc="predict", unit="image",
+                                         disable=args.quiet, file=sys.stderr) as bar:
+        for start in range(0, len(files), step):
+            chunk = files[start:start + step]
+            maps, scores = score(chunk)
+            for i, (f, m, s) in enumerate(zip(chunk, maps, scores.numpy()), start):
+                stem = f"{i:04d}_{f.stem}"
+                image = _own_image(f, channels)
+                amap = own_size(m[0], *image.shape[:2])
+                mask = amap >= thr["pixel"] if thr["pixel"] is not None else None
+                row = {"path": str(f), "score": s, "map": f"maps/{stem}.npy",
+                       "mask": f"masks/{stem}.png" if mask is not None else "", "overlay": f"overlays/{stem}.png"}
+                _save_npy(tmp / row["map"], amap)
+                if mask is not None:
+                    io.write_png(tmp / row["mask"], mask.astype(np.uint8) * 255)
+                verdict = "" if thr["image"] is None else (" anomalous" if s >= thr["image"] else " normal")
+                plots.write_prediction(tmp / row["overlay"], image, amap, mask, thr["pixel"],
+                                       title=f"{f.name}: score {s:.4g}{verdict}")
+                rows.append(row)
+            bar.update(len(chunk))
+        scores = np.array([r["score"] for r in rows], dtype=np.float32)
+        table = pd.DataFrame({"path": [r["path"] for r in rows], "score": scores.round(6)})
         # the verdict from the exact score, as evaluate applied the threshold (not the rounded one)
-        table["anomalous"] = (scores.numpy() >= thr["image"]) if thr["image"] is not None else pd.NA
+        table["anomalous"] = (scores >= thr["image"]) if thr["image"] is not None else pd.NA
+        table["threshold"] = thr["image"] if thr["image"] is not None else pd.NA
+        for key in ("map", "mask", "overlay"):
+            table[key] = [r[key] for r in rows]
         io.write_csv(tmp / "predictions.csv", table)
-    print(f"wrote {len(files)} overlays and predictions.csv to {out}"
-          + ("" if thr["image"] is not None else " (no threshold: run evaluate first or pass --threshold)"))
+    notes = []
+    if thr["image"] is None:
+        notes.append("no image threshold, no verdicts: run evaluate first or pass --threshold")
+    if thr["pixel"] is None:
+        notes.append("no pixel threshold, no masks: run evaluate first")
+    n = len(rows)
+    print(f"wrote {n} maps, {n if thr['pixel'] is not None else 0} masks, {n} overlays and predictions.csv "
+          f"to {out}" + "".join(f" ({note})" for note in notes))
     return 0
 
 
-def main(argv=None) -> int:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anodiff", description="Defect segmentation with diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="anomaly maps and scores for new images")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--method", choices=("ddpm", "rddpm", "gan", "patchcore"), default="ddpm")
-    p.add_argument("--out", default="predictions", help="output folder (replaced whole)")
-    p.add_argument("--checkpoint", help="DDPM checkpoint (default: the one infer used, from the maps' meta.json)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "predict", help="anomaly maps, masks and scores for new images",
+        description="Score new images with a method the pipeline trained (dvc repro infer@<method>; "
+                    "evaluate@<method> for the thresholds). Writes predictions.csv and, per image, the "
+                    "anomaly map (maps/*.npy), the mask (masks/*.png) and an overlay (overlays/*.png) at "
+                    "the image's own size.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--method", choices=METHODS, default="ddpm",
+                   help="the trained method to apply; it must have been run through infer in the project "
+                        "(default: %(default)s)")
+    p.add_argument("--project", default=".",
+                   help="the pipeline's project root: data/maps/<method>, metrics/<method>.json, the "
+                        "checkpoints recorded there and params.yaml are read from it (default: the "
+                        "current folder)")
+    p.add_argument("--out", default="predictions",
+                   help="output folder, relative to the current folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing non-empty --out whole (default: refuse it)")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images read and scored per step, rounded up to a multiple of the batch size infer "
+                        "used (infer.batch_size; patchcore.batch_size): memory grows with it, not with the "
+                        "number of images; the scores do not change with it (default: %(default)s)")
+    p.add_argument("--checkpoint",
+                   help="DDPM checkpoint, or memory bank for patchcore (default: the one infer used, "
+                        "from the maps' meta.json)")
     p.add_argument("--generator", help="GAN generator checkpoint (default: the one infer used, for gan)")
-    p.add_argument("--maps", help="folder written by infer (default data/maps/<method>)")
-    p.add_argument("--metrics", help="metrics JSON holding the thresholds (default metrics/<method>.json)")
-    p.add_argument("--threshold", type=float, help="image-score threshold (overrides the chosen one)")
+    p.add_argument("--maps", help="folder written by infer (default: <project>/data/maps/<method>)")
+    p.add_argument("--metrics", help="metrics JSON holding the thresholds (default: <project>/metrics/<method>.json)")
+    p.add_argument("--threshold", type=float,
+                   help="image-score threshold of the verdict (default: the one evaluate chose on val)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the noise (default: the params seed infer used, so an image gets infer's score)")
-    p.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return predict(args)
     except (AnodiffError, BadImageError) as exc:

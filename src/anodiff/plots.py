@@ -144,3 +144,56 @@ def overlay_grid(images, recon, maps, masks, scores, labels, threshold, path, ti
     fig.suptitle(f"{title}: test images (red = true defect / predicted region)", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def write_prediction(path, image, amap, mask=None, threshold=None, title: str = "") -> None:
+    """One new image's prediction (for `anodiff predict`), at the image's own size: left, the
+    image with the predicted region (`mask`) tinted cyan; right, the anomaly map `amap` as a heat
+    map over the image with its colour bar (the pixel threshold marked on it), the predicted
+    region outlined in cyan. image: (H, W, C) uint8; amap: (H, W); mask: (H, W) bool or None."""
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    amap = np.asarray(amap, np.float64)
+    h, w = amap.shape
+    vmin, vmax = float(np.percentile(amap, 1)), float(np.max(amap))
+    if threshold is not None:  # the threshold always on the colour bar
+        vmin, vmax = min(vmin, float(threshold)), max(vmax, float(threshold))
+    vmax = max(vmax, vmin + 1e-6)
+    cyan = (0.0, 0.78, 1.0)
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 255} if image.ndim == 2 else {}
+    interp = "nearest" if max(h, w) <= 256 else "antialiased"
+    panel = 4.0  # inches of the longer side
+    pw, ph = (panel, max(1.0, panel * h / w)) if w >= h else (max(1.0, panel * w / h), panel)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * pw + 1.4, ph + 0.8), squeeze=False)
+    left, right = axes[0]
+    left.imshow(image, interpolation=interp, **gray)
+    right.imshow(image, interpolation=interp, **gray)
+    shown = right.imshow(amap, cmap="inferno", vmin=vmin, vmax=vmax, alpha=0.6, interpolation=interp)
+    region = None if mask is None else np.asarray(mask, bool)
+    if region is not None and region.any():
+        tint = np.zeros((h, w, 4))
+        tint[region] = (*cyan, 0.5)
+        left.imshow(tint, interpolation="nearest")
+        # padded, so a region touching the border (or filling the image) is outlined there too
+        xs, ys = np.arange(-1, w + 1), np.arange(-1, h + 1)
+        right.contour(xs, ys, np.pad(region, 1).astype(float), levels=[0.5], colors=[cyan], linewidths=1.2)
+        right.set_xlim(-0.5, w - 0.5)
+        right.set_ylim(h - 0.5, -0.5)
+    bar = fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04)
+    bar.set_label("anomaly map", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if threshold is not None:
+        bar.ax.axhline(float(threshold), color=cyan, linewidth=2)
+    n = 0 if region is None else int(region.sum())
+    left.set_title("input" + ("" if region is None else f" + predicted region ({100 * n / (h * w):.1f}%)"), fontsize=8)
+    right.set_title("anomaly map" + ("" if threshold is None else f" (pixel threshold {threshold:.3g})"), fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with io.atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100, metadata={"Software": None})  # same bytes every run
+    plt.close(fig)
