@@ -8,6 +8,11 @@ Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly); the calibration
 chosen goes to metrics/infer_<method>.json, the timing to metrics/timing/infer_<method>.json.
 
+infer@gan draws only the level its generator's noise is added at: the other levels are infer@ddpm's
+very maps (`--share data/maps/ddpm`, a declared dependency; same DDPM, seed, settings, images and
+noise streams, so the same bytes), read from its maps.npz ("levels_raw"). The timing file says
+which levels were shared and what they cost infer@ddpm. Any mismatch: every level is recomputed.
+
 With `--memory` (infer@patchcore's maps) the memory distance is one more map beside the noise
 levels, and the choice on val may fuse it in ("<calibration>+memory"; `map_sources` in the
 metrics says which). `--method patchcore` is the PatchCore reference itself: nearest-neighbour
@@ -17,13 +22,14 @@ maps from the memory bank (`--model`), the image score their maximum; no diffusi
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
 import torch
 
 from _common import ROOT, run_stage, write_timing
-from anodiff import anomaly, data, features, io, patchcore, select
+from anodiff import anomaly, checkpoint, data, features, io, patchcore, select
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
@@ -31,6 +37,7 @@ from anodiff.features import FeatureExtractor
 from anodiff.train import pick_device
 
 PREPARED = ROOT / "data/prepared"
+SHARE_SOURCE = "ddpm"  # the method whose raw maps per level are kept for infer@gan (maps.npz "levels_raw")
 ADAPTED = "extractor.pt"  # in data/maps/<method>/: the adapted extractor's trunk (infer.adapt_steps)
 
 
@@ -68,6 +75,51 @@ def adapted_extractor(det: Detector, params) -> FeatureExtractor:
 ADAPT_OFFSET = 211  # the adaptation's batches: a stream of their own
 
 
+def shared_levels(det: Detector, params, model: str, share_dir, rows) -> tuple[torch.Tensor, list[int], dict] | None:
+    """infer@ddpm's raw maps of the levels a GAN generator leaves alone, when they are the very maps
+    this run would draw: (maps (N, k, H, W) of those levels, the levels, infer@ddpm's timing), or None
+    with a line saying why not. The generator's level must be the plan's first (the noise streams
+    are drawn in plan order, and only that level is then drawn here), its noise residual on Gaussian
+    draws (as many draws from each image's stream as infer@ddpm's Gaussian noise takes)."""
+    def no(why):
+        print(f"infer: every level recomputed ({why})")
+        return None
+
+    meta_path = ROOT / share_dir / "meta.json"
+    if not meta_path.is_file():
+        return no(f"no {share_dir}/meta.json")
+    meta = io.read_json(meta_path)
+    own = det.fixed_t[0]
+    levels = det.levels()
+    if not det.generator_net.residual or det.noise_kind != "gaussian":
+        return no("the generator's noise is not residual on Gaussian draws")
+    if levels[0] != own or len(levels) < 2 or meta.get("levels") != levels:
+        return no(f"levels {levels} (generator at t={own}) against {meta.get('levels')}")
+    settings = json.loads(json.dumps(to_dict(params.infer)))  # as meta.json holds them (lists, not tuples)
+    if (meta.get("model"), meta.get("seed"), meta.get("settings")) != (model, params.seed, settings):
+        return no(f"{share_dir} was made with another model, seed or infer settings")
+    table = io.read_artefact(ROOT / share_dir / "scores.csv", io.read_csv)
+    if list(table["path"]) != list(rows["path"]):
+        return no(f"{share_dir} holds maps of other images")
+    arrays = io.read_artefact(ROOT / share_dir / "maps.npz", io.load_npz)
+    if "levels_raw" not in arrays:
+        return no(f"{share_dir}/maps.npz keeps no raw maps per level")
+    timing_path = ROOT / f"metrics/timing/infer_{SHARE_SOURCE}.json"
+    timing = io.read_json(timing_path) if timing_path.is_file() else {}
+    return torch.from_numpy(arrays["levels_raw"][:, 1:].copy()), levels[1:], {**timing, "plan": meta.get("plan")}
+
+
+def _shared_cost(source_timing: dict, shared: list[int]) -> float | None:
+    """What the shared levels cost infer@ddpm: its seconds times their share of its model calls
+    (DDIM steps times draws, per level of its plan). An estimate; said so in the timing file."""
+    plan, seconds = source_timing.get("plan"), source_timing.get("seconds")
+    if not plan or seconds is None:
+        return None
+    calls = [steps for _, steps, _ in plan]
+    mine = [steps for t, steps, _ in plan if t in shared]
+    return round(seconds * sum(mine) / sum(calls), 3)
+
+
 def sources(kind: str) -> str:
     """What a calibration's map is made of, for metrics/infer_<method>.json."""
     if kind == "memory":
@@ -96,12 +148,21 @@ def main_patchcore(params, bank_path: str) -> None:
            {"map_sources": "memory", "score_sources": "memory"})
 
 
-def _write(method, final, recon, table, meta, stats, seconds, device, chosen, extractor=None) -> None:
+def write_skipped(method: str, reason: str) -> None:
+    """Every declared output, saying the method was skipped and why (evaluate and report read it)."""
+    with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
+        io.write_json(out / "meta.json", {"method": method, "skipped": reason})
+    io.write_json(ROOT / f"metrics/infer_{method}.json", {"skipped": reason})
+    write_timing(f"infer_{method}", {"seconds": 0.0, "skipped": reason})
+    print(f"infer@{method}: skipped: {reason}")
+
+
+def _write(method, final, recon, table, meta, stats, seconds, device, chosen, extractor=None, shared=None) -> None:
     # timing lives in metrics/timing/, not in data/maps (the maps are the same bytes every run) nor
     # in the metrics file (`dvc metrics diff` of the same params shows nothing)
     n = len(table)
     timing = {"seconds": round(seconds, 3), "seconds_per_image": round(seconds / max(1, n), 5),
-              "images_per_s": round(n / max(seconds, 1e-9), 3), "device": str(device)}
+              "images_per_s": round(n / max(seconds, 1e-9), 3), "device": str(device), **(shared or {})}
     with io.atomic_dir(ROOT / f"data/maps/{method}") as out:
         io.save_npz(out / "maps.npz", maps=final[:, 0].numpy().astype(np.float32),
                     recon=np.stack([io.tensor_to_uint8(r) for r in recon]), **stats)
@@ -116,13 +177,17 @@ def _write(method, final, recon, table, meta, stats, seconds, device, chosen, ex
           f"score {chosen.get('score_calibration', 'memory')} ({chosen['score_sources']})")
 
 
-def main(params, method: str, model: str, noise_from: str, memory: str | None = None) -> None:
+def main(params, method: str, model: str, noise_from: str, memory: str | None = None,
+         share: str | None = None) -> None:
     """`model` is the DDPM checkpoint; `noise_from` is where the noise comes from: the same file
     (the DDPM's own training noise) or a GAN generator. dvc.yaml passes both, per method.
     `memory`: infer@patchcore's maps folder; val may then fuse the memory distance into the map."""
     device = pick_device()
     settings = params.infer
     gen_path = noise_from if noise_from != model else None
+    reason = checkpoint.skipped_reason(ROOT / gen_path) if gen_path else None
+    if reason is not None:  # normal-only data: train_gan_noise left a record instead of a generator
+        return write_skipped(method, reason)
     # the images are read with data.channels: a DDPM trained on the other count is refused here, by name
     det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device,
                         expect_arch={"in_channels": params.data.channels})
@@ -135,9 +200,20 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     rows = _rows()
     images = data.load_images(PREPARED, rows, params.data.channels)
 
+    reuse = None
+    if gen_path and share and (ROOT / share).is_dir():  # gan: infer@ddpm's maps of the levels G leaves alone
+        reuse = shared_levels(det, params, model, share, rows)
     started = time.perf_counter()
-    raw, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}")
+    if reuse is None:
+        raw, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}")
+    else:
+        own, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}",
+                                  only=[det.fixed_t[0]])
+        raw = torch.cat([own, reuse[0]], dim=1)
     seconds = time.perf_counter() - started
+    levels_raw = raw.numpy().astype(np.float32) if method == SHARE_SOURCE else None
+    shared = None if reuse is None else {"shared_levels": reuse[1], "shared_from": f"infer@{SHARE_SOURCE}",
+                                         "shared_seconds_estimate": _shared_cost(reuse[2], reuse[1])}
     memory_meta = None
     if memory is not None and settings.memory:  # the memory distance as one more level; val decides
         raw = torch.cat([raw, memory_maps(ROOT / memory, rows)], dim=1)
@@ -163,12 +239,17 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     # (fitted on half the normal val images, judged on the rest) go beside the maps
     chosen = {"map_calibration": choice["map"], "score_calibration": choice["score"],
               "map_sources": sources(choice["map"]), "score_sources": sources(choice["score"])}
+    if "chosen_by" in choice:  # normal-only val: a default, not a choice
+        chosen["chosen_by"] = meta["chosen_by"] = choice["chosen_by"]
     if "table" in choice:
         chosen["val_map_criterion"] = round(choice["table"][choice["map"]]["map_criterion"], 6)
         chosen["val_score_image_auroc"] = choice["table"][choice["score"]]["image_auroc"]
         meta["selection"] = choice["table"]
-    _write(method, final, recon, table, meta, det.stats_arrays(), seconds, device, chosen,
-           det.extractor if adapted else None)
+    if shared:
+        meta["shared"] = shared
+    stats = det.stats_arrays() | ({} if levels_raw is None else {"levels_raw": levels_raw})
+    _write(method, final, recon, table, meta, stats, seconds, device, chosen,
+           det.extractor if adapted else None, shared)
 
 
 if __name__ == "__main__":
@@ -177,8 +258,10 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True, help="DDPM checkpoint")
     parser.add_argument("--noise-from", required=True, help="the DDPM checkpoint again, or a GAN generator")
     parser.add_argument("--memory", help="infer@patchcore's maps folder, to fuse (for patchcore: its memory bank)")
+    parser.add_argument("--share", help="gan: infer@ddpm's maps folder, whose levels G leaves alone are reused "
+                                        "(for the other methods dvc.yaml passes a file, and it is ignored)")
     args = parser.parse_args()
     if args.method == "patchcore":
         run_stage(lambda p: main_patchcore(p, args.model))
     else:
-        run_stage(lambda p: main(p, args.method, args.model, args.noise_from, args.memory))
+        run_stage(lambda p: main(p, args.method, args.model, args.noise_from, args.memory, args.share))

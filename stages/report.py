@@ -1,4 +1,5 @@
-"""report: every method side by side -> metrics/summary.md (quality), metrics/timing/summary.md (speed).
+"""report: every method side by side -> metrics/summary.md (quality), metrics/timing/summary.md (speed),
+metrics/headline.json (three figures per method under short names, for `dvc exp show`).
 
 The quality figures come from metrics/<method>.json; the speed, from metrics/timing/<stage>.json.
 Two files, because the same params give the same quality bytes but never the same seconds: the
@@ -24,12 +25,22 @@ def table(results: dict[str, dict], sources: dict[str, str] | None = None) -> pd
     """Rows = methods, columns = the metric keys; per-defect rows follow as method/defect.
     `sources`: what each method's map is made of (metrics/infer_<method>.json's map_sources)."""
     sources = sources or {}
-    rows = [{"method": method, "map": sources.get(method), **{k: res.get(k) for k in KEYS}}
-            for method, res in results.items()]
+    rows = [{"method": method, "map": "skipped" if res.get("skipped") else sources.get(method),
+             **{k: res.get(k) for k in KEYS}} for method, res in results.items()]
     for method, res in results.items():
         for defect, sub in sorted(res.get("per_defect", {}).items()):
             rows.append({"method": f"{method} / {defect}", "map": sources.get(method), **{k: sub.get(k) for k in KEYS}})
     return pd.DataFrame(rows)
+
+
+#: metrics/headline.json's short names: `dvc exp show` with the README's filter shows the methods side by
+#: side in 120 columns (the full names, metrics/<method>.json:pixel_auroc, take 30 columns each)
+HEADLINE = {"px": "pixel_auroc", "pro": "aupro", "img": "image_auroc"}
+
+
+def headline(results: dict[str, dict]) -> dict:
+    """{method: {px, pro, img}}: pixel AUROC, AUPRO and image AUROC of each method, for `dvc exp show`."""
+    return {m: {short: res.get(key) for short, key in HEADLINE.items()} for m, res in results.items()}
 
 
 def timing_table(timing: dict[str, dict]) -> pd.DataFrame:
@@ -40,7 +51,10 @@ def timing_table(timing: dict[str, dict]) -> pd.DataFrame:
         infer = timing[f"infer_{method}"]
         rows.append({"method": method, "training stages": " + ".join(stages),
                      "training (s)": sum(timing[s].get("seconds", float("nan")) for s in stages),
-                     "inference (s)": infer.get("seconds"), "seconds_per_image": infer.get("seconds_per_image"),
+                     # gan's own level, plus what the levels it took from infer@ddpm cost there (estimated)
+                     "inference (s)": (None if infer.get("seconds") is None else
+                                       infer["seconds"] + (infer.get("shared_seconds_estimate") or 0)),
+                     "seconds_per_image": infer.get("seconds_per_image"),
                      "threads": infer.get("threads")})
     return pd.DataFrame(rows)
 
@@ -58,14 +72,17 @@ def main(params) -> None:
     timing = {s: _read(ROOT / f"metrics/timing/{s}.json", s.replace("infer_", "infer@")) for s in names}
     text = ("# anodiff: all methods on the test split\n\n"
             "Thresholds chosen on the validation split; `null` = undefined (no masks or one class).\n"
-            "`map`: what the map is made of, as val chose it (`reconstruction+memory`: the diffusion "
+            + "".join(f"`{m}` skipped: {r['skipped']}.\n" for m, r in results.items() if r.get("skipped"))
+            + "`map`: what the map is made of, as val chose it (`reconstruction+memory`: the diffusion "
             "map fuses in PatchCore's memory distance, which the `patchcore` row shows alone).\n"
             "Speed: metrics/timing/summary.md.\n\n"
             + table(results, sources).to_markdown(index=False, floatfmt=".4f", missingval="null") + "\n")
     speed = ("# anodiff: what each method cost on this machine\n\n"
              "Seconds of the training stages each method needs and of its inference (varies run to "
-             "run; each stage's figures: metrics/timing/<stage>.json).\n\n"
+             "run; each stage's figures: metrics/timing/<stage>.json). gan's inference counts the levels "
+             "it takes from infer@ddpm at what they cost there (`shared_seconds_estimate`).\n\n"
              + timing_table(timing).to_markdown(index=False, floatfmt=".2f", missingval="null") + "\n")
+    io.write_json(ROOT / "metrics/headline.json", headline(results))
     io.write_text(ROOT / "metrics/timing/summary.md", speed)
     io.write_text(ROOT / "metrics/summary.md", text)
     print(speed)

@@ -35,8 +35,21 @@ SELECTION_COLUMNS = ["step", "map_criterion", "image_auroc", "image_auroc_se", "
                      "map_calibration", "score_calibration"]
 
 
+def skip(reason: str) -> None:
+    """Normal-only data: no GAN to train. Every declared output is still written, saying why."""
+    checkpoint.save_skipped(OUT, STAGE, reason)
+    write_live(STAGE, {}, {"skipped": reason}, ROOT / f"metrics/{STAGE}.json")
+    write_timing(STAGE, {"seconds": 0.0, "skipped": reason})
+    print(f"{STAGE}: skipped: {reason}")
+
+
 def main(params):
     cfg, channels = params.gan, params.data.channels
+    rows = data.load_rows(PREPARED)
+    if not ((rows["split"] == "train") & (rows["label"] == "anomalous")).any():
+        why = ("the data has no anomalous images" if data.normal_only(rows) else
+               "no anomalous image went to training (data.train_anomalous_fraction is 0)")
+        return skip(f"{why}, and the GAN learns from labelled anomalous ones (ddpm, rddpm and patchcore still run)")
     device = pick_device()
     ddpm, ckpt = checkpoint.load(DDPM, UNet, device=device)
     arch, meta = ckpt["arch"], ckpt.get("meta", {})

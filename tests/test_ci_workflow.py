@@ -113,9 +113,11 @@ def test_order_tests_then_tiny_profile_then_repro_then_summary(steps):
     i_tiny, _ = step_running(steps, r"tiny_params\.py")
     i_repro, repro = step_running(steps, r"(run\.sh|dvc) repro")
     i_diff, diff = step_running(steps, r"dvc metrics diff")
-    assert i_test < i_tiny < i_repro < i_diff
+    i_check, check = step_running(steps, r"check_regression\.py")
+    assert i_test < i_tiny < i_repro < i_diff < i_check
     assert repro["run"].strip() in ("./run.sh repro", "dvc repro", ".venv/bin/dvc repro")
-    assert re.search(r'dvc metrics diff main --md >> "\$GITHUB_STEP_SUMMARY"', diff["run"])
+    assert re.search(r'dvc metrics diff "\$\(\.ci/baseline_rev\.sh\)" --md >> "\$GITHUB_STEP_SUMMARY"', diff["run"])
+    assert "--baseline .ci/baseline/metrics --current metrics" in check["run"]
 
 
 def test_downloads_nothing_but_packages(steps):
@@ -174,3 +176,64 @@ def test_merge_refuses_an_unknown_key_naming_it(tmp_path):
     assert res.returncode == 1
     assert "error: bad.yaml: ddpm.epochz: unknown key" in res.stderr
     assert (tmp_path / "params.yaml").read_text() == "ddpm:\n  epochs: 60\n"
+
+
+# ------------------------------------------------------------------ the regression check
+def _check(*args):
+    return subprocess.run([sys.executable, str(ROOT / ".ci/check_regression.py"), *args],
+                          capture_output=True, text=True)
+
+
+def test_baseline_is_committed_for_every_method():
+    import json
+
+    for method in ("ddpm", "rddpm", "gan", "patchcore"):
+        m = json.loads((ROOT / f".ci/baseline/metrics/{method}.json").read_text())
+        assert m["pixel_auroc"] is not None and m["image_auroc"] is not None
+
+
+def test_regression_check_fails_on_a_worsened_metric_and_passes_otherwise(tmp_path):
+    import json
+    import shutil
+
+    base = ROOT / ".ci/baseline/metrics"
+    cur = tmp_path / "metrics"
+    shutil.copytree(base, cur)
+    same = _check("--baseline", str(base), "--current", str(cur))
+    assert same.returncode == 0, same.stderr
+    assert "| ddpm | image_auroc |" in same.stdout  # the Markdown table for the job summary
+
+    m = json.loads((cur / "ddpm.json").read_text())
+    m["aupro"] -= 0.04  # within the tolerance (0.05): passes
+    (cur / "ddpm.json").write_text(json.dumps(m))
+    assert _check("--baseline", str(base), "--current", str(cur)).returncode == 0
+    m["aupro"] -= 0.03  # 0.07 below the baseline: fails, naming the method and the metric
+    (cur / "ddpm.json").write_text(json.dumps(m))
+    worse = _check("--baseline", str(base), "--current", str(cur))
+    assert worse.returncode == 1 and "ddpm aupro" in worse.stderr
+
+    g = json.loads((cur / "gan.json").read_text())
+    g["image_auroc"] = None  # a figure that vanished is a regression too
+    (cur / "gan.json").write_text(json.dumps(g))
+    assert "gan image_auroc" in _check("--baseline", str(base), "--current", str(cur)).stderr
+    assert _check("--baseline", str(tmp_path / "none"), "--current", str(cur)).returncode == 2
+
+
+def test_baseline_revision_holds_the_baseline_and_leaves_the_work_tree_alone(tmp_path):
+    import shutil
+
+    from tinyrepo import sh
+
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(ROOT / ".ci/baseline_rev.sh", tmp_path / ".ci/baseline_rev.sh")
+    shutil.copytree(ROOT / ".ci/baseline", tmp_path / ".ci/baseline")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/ddpm.json").write_text("{}")
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh("git", "add", "-A", cwd=tmp_path)
+    sh("git", "commit", "-qm", "x", cwd=tmp_path)
+    rev = sh("bash", ".ci/baseline_rev.sh", cwd=tmp_path).stdout.strip()
+    shown = sh("git", "show", f"{rev}:metrics/ddpm.json", cwd=tmp_path).stdout
+    assert shown == (ROOT / ".ci/baseline/metrics/ddpm.json").read_text()
+    assert (tmp_path / "metrics/ddpm.json").read_text() == "{}"
+    assert sh("git", "status", "--porcelain", cwd=tmp_path).stdout == ""

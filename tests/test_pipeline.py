@@ -85,6 +85,29 @@ def test_predict_gives_the_scores_and_verdicts_infer_and_evaluate_measured(repo,
     assert list(got["anomalous"]) == list(test["score"] >= threshold)
 
 
+def test_infer_gan_shares_ddpms_levels_and_gets_the_bytes_it_would_compute(repo, tmp_path):
+    """infer@gan takes the levels its generator leaves alone from infer@ddpm (--share): the maps,
+    scores and choice are exactly those of computing every level itself, and its timing says so."""
+    import numpy as np
+
+    timing = json.loads((repo / "metrics/timing/infer_gan.json").read_text())
+    assert timing["shared_levels"] == [200] and timing["shared_from"] == "infer@ddpm"
+    assert timing["shared_seconds_estimate"] > 0
+    d = tmp_path / "copy"
+    shutil.copytree(repo, d, ignore=shutil.ignore_patterns("cache", "tmp"))
+    res = sh("python", "stages/infer.py", "--method", "gan", "--model", "data/models/ddpm.pt", "--noise-from",
+             "data/models/gan_generator.pt", "--memory", "data/maps/patchcore", "--share", "data/models/ddpm.pt",
+             cwd=d)
+    assert "shared" not in json.loads((d / "metrics/timing/infer_gan.json").read_text())
+    shared = np.load(repo / "data/maps/gan/maps.npz")
+    computed = np.load(d / "data/maps/gan/maps.npz")
+    assert set(shared.files) == set(computed.files)
+    for key in shared.files:
+        assert np.array_equal(shared[key], computed[key]), key
+    assert (repo / "data/maps/gan/scores.csv").read_bytes() == (d / "data/maps/gan/scores.csv").read_bytes()
+    assert (repo / "metrics/infer_gan.json").read_bytes() == (d / "metrics/infer_gan.json").read_bytes(), res.stdout
+
+
 def test_training_curves_are_dvclive_files(repo):
     """Each training stage logs its curves with DVCLive (stages/_live.py): one `<metric>.tsv` per
     metric under plots/<stage>/ (columns step and the metric, no timestamp), its summary to

@@ -70,6 +70,21 @@ def save_generator(path, net: nn.Module, meta: dict) -> None:
                               "state_dict": _cpu(net.state_dict()), "meta": dict(meta)})
 
 
+SKIPPED = "anodiff.skipped"  # the record a stage leaves in place of a model it could not train
+
+
+def save_skipped(path, stage: str, reason: str) -> None:
+    """In place of a model: a record that `stage` was skipped and why (every declared output of a
+    stage is written, so `dvc repro` succeeds and later stages can say so)."""
+    io.save_checkpoint(path, {"format": SKIPPED, "stage": stage, "reason": reason})
+
+
+def skipped_reason(path) -> str | None:
+    """Why the model at `path` was skipped, or None when it is a model (or anything else)."""
+    ckpt = io.load_checkpoint(path)
+    return str(ckpt.get("reason", "")) if isinstance(ckpt, dict) and ckpt.get("format") == SKIPPED else None
+
+
 def _plain(v):
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 

@@ -141,8 +141,16 @@ def _maps_dir(args) -> Path:
 
 
 def available_methods(project) -> list[str]:
-    """The methods whose `infer` output (data/maps/<method>/meta.json) the project holds."""
-    return [m for m in METHODS if (Path(project) / "data" / "maps" / m / "meta.json").is_file()]
+    """The methods whose `infer` output (data/maps/<method>/meta.json) the project holds, and did
+    not skip (the GAN on normal-only data)."""
+    def usable(meta_path: Path) -> bool:
+        if not meta_path.is_file():
+            return False
+        try:
+            return not io.read_json(meta_path).get("skipped")
+        except (OSError, ValueError, AttributeError):
+            return True  # damaged: predict names the problem when it is asked for this method
+    return [m for m in METHODS if usable(Path(project) / "data" / "maps" / m / "meta.json")]
 
 
 def _read_meta(args) -> tuple[dict, Path, Path]:
@@ -153,6 +161,12 @@ def _read_meta(args) -> tuple[dict, Path, Path]:
         raise CheckpointError(f"{meta_path}: missing: method {args.method} has no infer output in project "
                               f"{args.project} (available there: {', '.join(there) or 'none'}); "
                               f"run `dvc repro infer@{args.method}` there first (or pass --maps)")
+    if meta_path.exists():
+        meta = io.read_artefact(meta_path, io.read_json)
+        if isinstance(meta, dict) and meta.get("skipped"):  # e.g. the GAN on normal-only data
+            there = [m for m in available_methods(args.project) if m != args.method]
+            raise CheckpointError(f"{meta_path}: the pipeline skipped {args.method}: {meta['skipped']} "
+                                  f"(use --method {' or '.join(there) or 'another method'})")
     for p in (meta_path, npz_path):
         if not p.exists():
             raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")

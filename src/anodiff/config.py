@@ -177,6 +177,10 @@ class PatchCore(Section):
     batch_size: Num(int, 1)
 
 
+class Evaluate(Section):
+    normal_quantile: Num(float, 0, 1, lo_open=True)  # normal-only val: thresholds at this quantile
+
+
 class Params(Section):
     seed: Num(int, 0)
     data: Data
@@ -186,6 +190,7 @@ class Params(Section):
     gan: GAN
     infer: Infer
     patchcore: PatchCore
+    evaluate: Evaluate
 
 
 def _cross_checks(p: Params) -> None:

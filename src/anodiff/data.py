@@ -33,6 +33,9 @@ COLUMNS = ["path", "split", "label", "defect", "mask", "ddpm_train", "augmented"
 MANIFEST = "manifest.csv"
 FEATURES_PATH = "features_path"  # the image at the extractor's size, where prepare kept one
 
+# the fewest normal val images the calibrations fit on (select.py checks it too, by name)
+MIN_NORMAL_VAL = 4
+
 # streams of the seeded numpy generator, one per purpose (layouts.py uses 101 for splits)
 _CONTAMINATION_STREAM, _AUGMENT_STREAM = 202, 303
 
@@ -140,7 +143,21 @@ def read_source(data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stderr, featu
     for split in SPLITS:
         if split != "val" and not any(it["split"] == split and it["label"] == "normal" for it in items):
             raise DataError(f"{root}: no readable normal images for the {split} split")
+    if normal_only(items):  # the thresholds and calibrations come from the normal val images alone
+        n_val = sum(it["split"] == "val" for it in items)
+        if n_val < MIN_NORMAL_VAL:
+            n = sum(it["label"] == "normal" for it in items)
+            raise DataError(f"{root}: a normal-only source needs at least {MIN_NORMAL_VAL} images in the val split, "
+                            f"its {n} normal images give {n_val} (data.val_fraction={data_cfg.val_fraction}); "
+                            f"add normal images or raise data.val_fraction")
     return items
+
+
+def normal_only(items_or_rows) -> bool:
+    """Whether a source (read items, or manifest rows) has no anomalous image at all: then nothing
+    can be chosen by how well anomalies are found, only by how normal images score."""
+    labels = items_or_rows["label"] if isinstance(items_or_rows, pd.DataFrame) else [it["label"] for it in items_or_rows]
+    return not any(lab == "anomalous" for lab in labels)
 
 
 # ---------------------------------------------------------------- contamination, augmentation
@@ -171,13 +188,18 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, flip_p: float, rot90
 
 
 def _mix_and_balance(items: list[dict], seed: int, *, contamination: float, aug: Augment,
-                     synthetic: bool) -> list[dict]:
-    """Mark the DDPM's unlabeled training set and add augmented normal copies (in place + new)."""
+                     synthetic: bool, warn=_stderr) -> list[dict]:
+    """Mark the DDPM's unlabeled training set and add augmented normal copies (in place + new).
+    A normal-only source has nothing to mix in: data.contamination is then ignored, with a note."""
     normals = [it for it in items if it["split"] == "train" and it["label"] == "normal"]
     pool = [it for it in items if it["split"] == "train" and it["label"] == "anomalous"]
     for it in items:
         it["ddpm_train"] = int(it["split"] == "train" and it["label"] == "normal")
         it["augmented"] = 0
+    if contamination > 0 and normal_only(items):
+        warn(f"note: data.contamination: {contamination} ignored: the source has no anomalous images to mix in "
+             f"(normal-only: the DDPM trains on the normal images alone, and the GAN branch is skipped)")
+        contamination = 0
     k = contamination_count(len(normals), contamination)
     if k > len(pool):
         more = "synth.n_train_anomalous" if synthetic else "data.train_anomalous_fraction"
@@ -211,7 +233,7 @@ def prepare(out_dir, *, data_cfg: Data, synth_cfg: Synth, seed: int, warn=_stder
     augmented copies, which only the GAN reads)."""
     items = read_source(data_cfg, synth_cfg, seed, warn, feature_size)
     items = _mix_and_balance(items, seed, contamination=data_cfg.contamination, aug=data_cfg.augment,
-                             synthetic=data_cfg.source == "synthetic")
+                             synthetic=data_cfg.source == "synthetic", warn=warn)
     out_dir = Path(out_dir)
     rows, used = [], set()
     order = {s: i for i, s in enumerate(SPLITS)} | {lab: i for i, lab in enumerate(LABELS)}

@@ -11,9 +11,11 @@ from `seed` over sorted file lists:
   train; test/ -> test. Classes from `marble_normal` / `marble_anomalous`, other
   folders are left out. Image-level labels only: no masks.
 - `folder`: normal/ -> `val_fraction` val, `val_fraction` test, the rest train;
-  anomalous/ -> `train_anomalous_fraction` train, the rest split `val_fraction`
-  val / test. masks/<stem>*.png (optional; when the folder exists, every anomalous image
-  needs one).
+  anomalous/ (optional: a folder of normal images alone is a normal-only source) ->
+  `train_anomalous_fraction` train, the rest split `val_fraction` val / test.
+  masks/<stem>*.png (optional; when the folder exists, every anomalous image needs one).
+An mvtec folder whose test/ holds only good/ is normal-only too (see README, "Your own images":
+thresholds then come from normal val images, and the GAN branch is skipped).
 Every file lands in exactly one split, so nothing is both trained on and evaluated on.
 Problems are collected, not raised: data.py reports them all at once.
 """
@@ -165,7 +167,9 @@ def read_folder(root: Path, seed: int, *, val_fraction: float,
     records += [Record(p, "test", "normal", "good") for p in normal[n_val:n_val + n_test]]
     records += [Record(p, "train", "normal", "good") for p in normal[n_val + n_test:]]
 
-    anomalous = _class_files(root / "anomalous", problems)
+    # normal-only: no anomalous/ folder (or an empty one) is fine; a file there is still checked
+    anomalous = (_class_files(root / "anomalous", problems)
+                 if (root / "anomalous").is_dir() and io.list_files(root / "anomalous") else [])
     masks_dir = root / "masks"
     masks = {}
     if masks_dir.is_dir():

@@ -44,7 +44,7 @@ from anodiff import curves
 __all__ = [
     "METRIC_KEYS", "pixel_auroc", "pixel_ap", "f1_max", "pro_curve", "aupro", "dice",
     "choose_threshold", "choose_thresholds", "image_auroc", "image_ap", "evaluate",
-    "roc_curve_table", "pr_curve_table",
+    "roc_curve_table", "pr_curve_table", "image_roc_table", "normal_quantile_thresholds", "null_reasons",
 ]
 
 #: keys of metrics/<method>.json (README, "Results"); per_defect entries hold all but "per_defect".
@@ -270,6 +270,32 @@ def choose_thresholds(val_maps, val_masks, val_scores=None, val_labels=None):
     return pixel, _image_threshold(val_scores, val_labels)
 
 
+def normal_quantile_thresholds(val_maps, val_scores, q: float) -> tuple[float | None, float | None]:
+    """(pixel, image) thresholds from normal val images alone (normal-only data: no F1 to maximise):
+    the q-quantile of their image scores, and of their maps' maxima, so that a pixel is marked
+    where its map rises as high as a normal image's seldom does (`evaluate.normal_quantile`)."""
+    scores = None if val_scores is None else _scores(val_scores)
+    image = float(np.quantile(scores, q)) if scores is not None and scores.size else None
+    pixel = None
+    if val_maps is not None:
+        a = _maps(val_maps)
+        pixel = float(np.quantile(a.reshape(len(a), -1).max(axis=1), q)) if len(a) else None
+    return pixel, image
+
+
+def null_reasons(result: dict, *, has_masks: bool, labels) -> dict:
+    """Why each null headline figure of `result` could not be computed: {"pixel": why, "image": why}
+    (only the groups with a null), so a null is never silent."""
+    y = _labels(labels)
+    one_class = ("no anomalous test image" if not y.any() else "no normal test image" if y.all() else None)
+    out = {}
+    if any(result.get(k) is None for k in PIXEL_KEYS if k != "dice"):
+        out["pixel"] = one_class or ("the data has no masks" if not has_masks else "no defect pixel in the test masks")
+    if any(result.get(k) is None for k in IMAGE_KEYS):
+        out["image"] = one_class or "no image scores"
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluate
 def _metrics_block(px, scores, labels, threshold, images=None) -> dict:
     """All keys except per_defect for the chosen images (all if None) of checked inputs."""
@@ -358,3 +384,9 @@ def pr_curve_table(
     Pixel-level (pooled) when masks with both classes are given, else image-level.
     """
     return curves.pr_table(_table(maps, masks, scores, labels), max_points)
+
+
+def image_roc_table(scores, labels, *, max_points: int = 500) -> pd.DataFrame:
+    """The image-level ROC curve (fpr, tpr, threshold) whatever masks the data has: the curve an
+    inspector's verdicts move along. Empty with one class only."""
+    return roc_curve_table(None, None, scores, labels, max_points=max_points)

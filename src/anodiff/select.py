@@ -14,6 +14,10 @@ winner is then refitted on all normal val images.
 - The image score's calibration is judged by image AUROC, among the calibrations fitted on normal
   images (a score from a map standardised by its own image is not comparable across images).
 Ties go to the earlier candidate in `anomaly.CALIBRATIONS` order.
+
+Normal-only data (no anomalous val image) leaves nothing to judge a candidate by: then `auto` takes
+`NORMAL_ONLY` (fused with the memory distance where infer has it), the calibration val chose most
+often on the real-photo benchmark, and says so (`"chosen_by"` in the choice).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import numpy as np
 import torch
 
 from anodiff import anomaly, metrics
+from anodiff.data import MIN_NORMAL_VAL  # two to fit on, two to judge on
 from anodiff.errors import DataError
 
-MIN_NORMAL_VAL = 4  # two to fit on, two to judge on
+NORMAL_ONLY = "texture"  # auto's calibration when val has no anomalous image to choose by
 
 
 def check_normal_count(n_normal: int, kinds) -> None:
@@ -103,7 +108,12 @@ def calibrate_on_val(det, raw: torch.Tensor, split: np.ndarray, anomalous: np.nd
     val_normal = val & ~anomalous
     kind = det.settings.normalize
     choice = {"map": kind, "score": kind}
-    if kind == "auto":
+    if kind == "auto" and not anomalous[val].any():
+        fused = levels is not None and raw.shape[1] > levels
+        default = NORMAL_ONLY + ("+memory" if fused else "")
+        check_normal_count(int(val_normal.sum()), [NORMAL_ONLY])
+        choice = {"map": default, "score": default, "chosen_by": "default: val has no anomalous image"}
+    elif kind == "auto":
         choice = choose(raw[torch.from_numpy(val)], val_normal[val], anomalous[val].astype(int),
                         None if masks is None else masks[val], levels=levels)
     else:
