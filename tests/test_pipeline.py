@@ -108,6 +108,21 @@ def test_infer_gan_shares_ddpms_levels_and_gets_the_bytes_it_would_compute(repo,
     assert (repo / "metrics/infer_gan.json").read_bytes() == (d / "metrics/infer_gan.json").read_bytes(), res.stdout
 
 
+def test_tiny_run_holds_the_ci_baseline(repo):
+    """The figures CI compares against (.ci/baseline/metrics, the tiny profile's committed run) are
+    this code's: a change that moves them fails here first (regenerate the baseline on purpose:
+    docs/reproducibility.md)."""
+    import subprocess
+    import sys
+
+    from tinyrepo import ROOT
+
+    res = subprocess.run([sys.executable, str(ROOT / ".ci/check_regression.py"), "--baseline",
+                          str(ROOT / ".ci/baseline/metrics"), "--current", str(repo / "metrics")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_training_curves_are_dvclive_files(repo):
     """Each training stage logs its curves with DVCLive (stages/_live.py): one `<metric>.tsv` per
     metric under plots/<stage>/ (columns step and the metric, no timestamp), its summary to
