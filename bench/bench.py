@@ -63,7 +63,8 @@ from anodiff.config import load_params  # noqa: E402
 from anodiff.detector import Detector  # noqa: E402
 from anodiff.noise import for_batch, noise_kwargs  # noqa: E402
 from anodiff.schedule import Schedule  # noqa: E402
-from anodiff.train import pick_device, random_crop, train_ddpm  # noqa: E402
+from anodiff.runtime import pick_device  # noqa: E402
+from anodiff.train import random_crop, train_ddpm  # noqa: E402
 from anodiff.unet import UNet  # noqa: E402
 
 # Time goals are in units, not seconds: a run's seconds times the bare training loop's images per

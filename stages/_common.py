@@ -112,7 +112,8 @@ def write_timing(stage: str, timing: dict) -> None:
 
 
 def torch_generator(seed: int, offset: int = 0):
-    """A CPU torch.Generator seeded from params (offset separates independent streams)."""
-    import torch
+    """A CPU torch.Generator seeded from params (offset separates independent streams): the
+    library's `runtime.seeded`, imported here so that stages which draw nothing never load torch."""
+    from anodiff.runtime import seeded
 
-    return torch.Generator().manual_seed(seed * 1_000_003 + offset)
+    return seeded(seed, offset)

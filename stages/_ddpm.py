@@ -11,7 +11,8 @@ from anodiff import checkpoint, data, distributed, resume
 from anodiff.config import accelerated, to_dict
 from anodiff.noise import noise_kwargs
 from anodiff.schedule import Schedule
-from anodiff.train import pick_device, train_ddpm
+from anodiff.runtime import pick_device
+from anodiff.train import train_ddpm
 from anodiff.unet import UNet
 
 PREPARED = ROOT / "data/prepared"

@@ -34,7 +34,7 @@ from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
 from anodiff.features import FeatureExtractor
-from anodiff.train import pick_device
+from anodiff.runtime import pick_device
 
 PREPARED = ROOT / "data/prepared"
 SHARE_SOURCE = "ddpm"  # the method whose raw maps per level are kept for infer@gan (maps.npz "levels_raw")

@@ -24,7 +24,7 @@ from anodiff.features import FeatureExtractor
 from anodiff.errors import CheckpointError, DataError
 from anodiff.schedule import Schedule
 from anodiff.noisegen import Critic, NoiseGenerator
-from anodiff.train import pick_device
+from anodiff.runtime import pick_device
 from anodiff.unet import UNet
 
 STAGE = "train_gan_noise"

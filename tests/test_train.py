@@ -4,7 +4,8 @@ from torch import nn
 
 from anodiff.errors import TrainingDiverged
 from anodiff.schedule import Schedule
-from anodiff.train import TrainResult, pick_device, random_crop, train_ddpm
+from anodiff.runtime import pick_device
+from anodiff.train import TrainResult, random_crop, train_ddpm
 from anodiff.unet import UNet
 
 ARCH = dict(in_channels=1, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from anodiff import features, io, patchcore, plots
 from anodiff.config import Infer
 from anodiff.detector import Detector
+from anodiff.runtime import pick_device
 from anodiff.features import FeatureExtractor
 from anodiff.errors import AnodiffError, BadImageError, CheckpointError, DataError
 
@@ -216,7 +217,7 @@ def load_detector(args):
     ddpm = Path(args.checkpoint) if args.checkpoint else _in_project(args, meta["model"])
     generator = Path(args.generator) if args.generator else (
         _in_project(args, meta["generator"]) if meta.get("generator") else None)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()  # the stages' choice (runtime.py): CUDA when present
     det = Detector.load(ddpm, settings, generator_path=generator, device=device)
     if settings.error == "feature":
         if type(meta.get("feature_size")) is not int:

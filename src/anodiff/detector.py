@@ -6,7 +6,6 @@ were two pieces of code (anomalib #2747); here both call `Detector.raw_maps` and
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,37 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from anodiff import anomaly, checkpoint, config, noise
+from anodiff.runtime import (  # noqa: F401  (image_generators, NOISE_OFFSET: part of this module's API)
+    NOISE_OFFSET, autocast_dtype, image_generators, memory_format, noise_generator)
 from anodiff.config import Infer
 from anodiff.errors import CheckpointError
 from anodiff.noisegen import NoiseGenerator
 from anodiff.schedule import Schedule
-from anodiff.train import autocast_dtype
 from anodiff.unet import UNet
-
-
-NOISE_OFFSET = 101  # separates the maps' noise from the training streams of the same params seed
-
-
-def image_generators(images: torch.Tensor, generator: torch.Generator) -> list[torch.Generator]:
-    """One generator per image, seeded from one draw of `generator` and the image's own 8-bit
-    pixels: an image gets the same noise whichever batch, position or call it comes in, so
-    `anodiff predict` gives an image the very score `infer` gave it."""
-    base = int(torch.randint(2**62, (1,), generator=generator))
-    out = []
-    for x in images:
-        pixels = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
-        digest = hashlib.sha256(base.to_bytes(8, "little") + pixels).digest()
-        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
-    return out
-
-
-def memory_format(model: torch.nn.Module) -> torch.memory_format:
-    """channels_last if the model's first convolution kernel (wider than 1x1) is stored so, else contiguous."""
-    for p in model.parameters():
-        if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1:
-            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-            return torch.channels_last if cl else torch.contiguous_format
-    return torch.contiguous_format
 
 
 @dataclass
@@ -138,7 +113,7 @@ class Detector:
     @staticmethod
     def noise_generator(seed: int) -> torch.Generator:
         """The generator `infer` and `anodiff predict` both draw a map's noise from, for params `seed`."""
-        return torch.Generator().manual_seed(seed * 1_000_003 + NOISE_OFFSET)
+        return noise_generator(seed)
 
     def make_noise(self, x: torch.Tensor, generator, t: int | None = None) -> torch.Tensor:
         """The noise x is noised with at level t: the generator's at its own level, whatever the

@@ -20,19 +20,7 @@ from anodiff import distributed
 from anodiff.errors import TrainingDiverged
 from anodiff.losses import per_sample, reduce
 from anodiff.noise import for_batch
-
-
-def pick_device() -> torch.device:
-    """CUDA when present (under torchrun, this rank's GPU: LOCAL_RANK), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """Mixed precision's dtype on `device`: bfloat16, or float16 on a GPU without bfloat16
-    (training then scales its loss: GradScaler)."""
-    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+from anodiff.runtime import autocast_dtype, pick_device
 
 
 @dataclass
