@@ -48,7 +48,7 @@ from realphoto_data import CATEGORIES as PHOTO_CATEGORIES, build_category  # noq
 CATEGORIES = PHOTO_CATEGORIES + (elpv_data.CATEGORY,)
 METHODS = ("ddpm", "rddpm", "gan", "patchcore")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap")
-# the goals of the benchmark (README, results): every category must reach these
+# the goals of the benchmark (docs/experiments.md; docs/results/realphoto.md): every category must reach these
 TARGETS = {"pixel_auroc": 0.93, "aupro": 0.80, "image_auroc": 0.90, "per_defect_pixel_auroc": 0.85}
 
 

@@ -1,5 +1,5 @@
-"""The real-photo benchmark's results as Markdown, written from its JSON (so the README's tables
-cannot drift from the figures they quote).
+"""The real-photo benchmark's results as Markdown, written from its JSON (docs/make_results.py renders
+docs/results/realphoto.md with it, so the tables cannot drift from the figures they quote).
 
     python bench/realphoto_table.py                                   # bench/realphoto.json
     python bench/realphoto_table.py bench/realphoto.json --variant 'ddpm, reconstruction only=bench/realphoto_pix.json:ddpm'

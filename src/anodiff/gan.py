@@ -3,7 +3,7 @@
 G (noisegen.NoiseGenerator) maps an anomalous image x_a to a noise field; `add_noise(x_a, G(x_a), t)`
 should look to a WGAN-GP critic D like a normal image noised with Gaussian noise, so the frozen
 DDPM denoises it to a normal-looking image and |x_a - reconstruction| marks the defect. The
-report's Eq. 9 with the original code's defects fixed (docs/ARCHITECTURE.md):
+report's Eq. 9 with the original code's defects fixed (docs/method.md, SemanticDiffGAN):
 
 critic:    L_D = mean D(fake) - mean D(real) + gp_weight * mean_i (||grad D(x_hat_i)|| - 1)^2
 generator: L_G = -mean D(fake) + mse_weight * MSE(denoise(fake), denoise(add_noise(x_a, eps, t)))

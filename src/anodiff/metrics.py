@@ -47,7 +47,7 @@ __all__ = [
     "roc_curve_table", "pr_curve_table", "image_roc_table", "normal_quantile_thresholds", "null_reasons",
 ]
 
-#: keys of metrics/<method>.json (README, "Results"); per_defect entries hold all but "per_defect".
+#: keys of metrics/<method>.json (docs/method.md, "The metrics"); per_defect entries hold all but "per_defect".
 #: Quality figures only: timing goes to metrics/timing/ (not a DVC metric), so `dvc metrics diff`
 #: of two runs with the same params shows nothing.
 METRIC_KEYS = (
