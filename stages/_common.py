@@ -105,7 +105,7 @@ def write_timing(stage: str, timing: dict) -> None:
 
     from anodiff import io
 
-    # what makes two runs comparable bit for bit (README, "Same bytes where")
+    # what makes two runs comparable bit for bit (docs/reproducibility.md, "Same bytes where")
     timing = {**timing, "threads": torch.get_num_threads(), "torch": torch.__version__}
     io.write_json(ROOT / f"metrics/timing/{stage}.json",
                   {k: round(v, 6) if isinstance(v, float) else v for k, v in timing.items()})

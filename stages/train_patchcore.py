@@ -8,7 +8,7 @@ test images against it.
 Not the DDPMs' training set: that one also hides `data.contamination` defective images, and a
 memory keeps what it is shown. PatchCore's coreset even prefers the odd patches, so a hidden
 defect's look would become normal (on the embedded marble, seed 0: test image AUROC 0.567 from
-the contaminated set, 0.645 from the normal images; README).
+the contaminated set, 0.645 from the normal images; CHANGELOG.md).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def standardize_per_image(maps: torch.Tensor) -> torch.Tensor:
     than a plain one); measuring each pixel against its own image's error level turns the map
     into local surprise. A defect covers a small share of the image, so it barely moves the
     image's own statistics. On the embedded marble this beat per-pixel statistics from normal
-    val images (see README, results).
+    val images (docs/method.md).
     """
     flat = maps.flatten(1)
     mean = flat.mean(dim=1).view(-1, 1, 1, 1)
