@@ -389,6 +389,24 @@ def features_md() -> tuple[str, list[Path]]:
             t = v["test"]
             text += (f"| {name} | {_f3(v['val_map_criterion_chosen'])} | {_f3(v['val_score_image_auroc_chosen'])} | "
                      f"{_f3(t['pixel_auroc'])} | {_f3(t['aupro'])} | {_f3(t['image_auroc'])} |\n")
+    runs = [("error=abs, infer.memory=false", "realphoto_s0_pix"), ("error=feature, infer.memory=false",
+            "realphoto_s0_ddad"), ("error=abs, infer.memory=true (the default)", "realphoto_s0")]
+    found = [(label, ROOT / "bench" / f"{stem}.json") for label, stem in runs if (ROOT / "bench" / f"{stem}.json").exists()]
+    rows = []
+    for label, path in found:
+        m = (_json(path).get("tissue") or {}).get("ddpm")
+        if not m:
+            continue
+        paths.append(path)
+        run = m["per_seed"][0]
+        rows.append(f"| {label} | {_f3(run['infer'].get('val_map_criterion'))} | "
+                    f"{_f3(run['infer'].get('val_score_image_auroc'))} | {_f3(run['pixel_auroc'])} | "
+                    f"{_f3(run['aupro'])} | {_f3(run['image_auroc'])} |")
+    if rows:
+        text += ("\n## Real photographs: tissue, seed 0, method ddpm (`bench/realphoto.py --seeds 0 --categories "
+                 "tissue --set ...`; without adaptation)\n\n| variant | val map criterion | val image AUROC | "
+                 "test pixel AUROC | test AUPRO | test image AUROC |\n|---|---|---|---|---|---|\n"
+                 + "\n".join(rows) + "\n")
     return _head("Feature-space reconstruction error (DDAD) and its domain adaptation", paths) + text, paths
 
 
