@@ -245,8 +245,8 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
         chosen["val_map_criterion"] = round(choice["table"][choice["map"]]["map_criterion"], 6)
         chosen["val_score_image_auroc"] = choice["table"][choice["score"]]["image_auroc"]
         meta["selection"] = choice["table"]
-    if shared:
-        meta["shared"] = shared
+    if shared:  # which levels came from where; their seconds go to the timing file only (meta is byte-stable)
+        meta["shared"] = {k: v for k, v in shared.items() if k != "shared_seconds_estimate"}
     stats = det.stats_arrays() | ({} if levels_raw is None else {"levels_raw": levels_raw})
     _write(method, final, recon, table, meta, stats, seconds, device, chosen,
            det.extractor if adapted else None, shared)
