@@ -50,6 +50,8 @@ METHODS = ("ddpm", "rddpm", "gan", "patchcore")
 KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "dice", "image_auroc", "image_ap")
 # the goals of the benchmark (docs/experiments.md; docs/results/realphoto.md): every category must reach these
 TARGETS = {"pixel_auroc": 0.93, "aupro": 0.80, "image_auroc": 0.90, "per_defect_pixel_auroc": 0.85}
+# where a category's goal differs (the real solar-cell images: image labels only, a higher bar)
+CATEGORY_TARGETS = {"elpv": {"image_auroc": 0.95}}
 
 
 def _run(cmd: list[str], log) -> None:
