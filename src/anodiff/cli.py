@@ -162,16 +162,15 @@ def _read_meta(args) -> tuple[dict, Path, Path]:
         raise CheckpointError(f"{meta_path}: missing: method {args.method} has no infer output in project "
                               f"{args.project} (available there: {', '.join(there) or 'none'}); "
                               f"run `dvc repro infer@{args.method}` there first (or pass --maps)")
-    if meta_path.exists():
-        meta = io.read_artefact(meta_path, io.read_json)
-        if isinstance(meta, dict) and meta.get("skipped"):  # e.g. the GAN on normal-only data
-            there = [m for m in available_methods(args.project) if m != args.method]
-            raise CheckpointError(f"{meta_path}: the pipeline skipped {args.method}: {meta['skipped']} "
-                                  f"(use --method {' or '.join(there) or 'another method'})")
-    for p in (meta_path, npz_path):
-        if not p.exists():
-            raise CheckpointError(f"{p}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
-    meta = io.read_artefact(meta_path, io.read_json)
+    if not meta_path.exists():
+        raise CheckpointError(f"{meta_path}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
+    meta = io.read_artefact(meta_path, io.read_json)  # read once: the skip record and the settings
+    if isinstance(meta, dict) and meta.get("skipped"):  # e.g. the GAN on normal-only data
+        there = [m for m in available_methods(args.project) if m != args.method]
+        raise CheckpointError(f"{meta_path}: the pipeline skipped {args.method}: {meta['skipped']} "
+                              f"(use --method {' or '.join(there) or 'another method'})")
+    if not npz_path.exists():
+        raise CheckpointError(f"{npz_path}: missing; run `dvc repro infer@{args.method}` first (or pass --maps)")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not infer's meta.json; rerun `dvc repro infer@{args.method}`")
     return meta, meta_path, npz_path
