@@ -1,19 +1,22 @@
-"""The real-photo benchmark: the default pipeline on real photographed textures with defects.
+"""The real-photo quality benchmark: default params on real photographs with defects, to bench/realphoto.json.
 
     python bench/realphoto.py                          # all categories, seed 0, every method
     python bench/realphoto.py --seeds 0 1 2            # the spread over seeds
     python bench/realphoto.py --categories moon --methods ddpm   # one branch, quicker
+    python bench/realphoto.py --seeds 1 --out experiments/results/realphoto_s1.json   # one seed to its own file
+    python bench/realphoto.py --merge experiments/results/realphoto_s?.json   # per-seed files into bench/realphoto.json
 
-For each category of `realphoto_data.py` (tissue, moon, hubble, terrain: photographs that ship
-inside scikit-image and matplotlib, with seven synthetic defect families) it builds an
-MVTec-layout folder under `--data-dir`, then runs the pipeline with default params through DVC:
+For each category of `experiments/data/realphoto_data.py` (tissue, moon, hubble, terrain:
+photographs that ship inside scikit-image and matplotlib, with seven synthetic defect families) it
+builds an MVTec-layout folder under `--data-dir` (default `bench/realphoto_data/`, git-ignored),
+then runs the pipeline with default params through DVC:
 
     dvc exp run --temp -f -n rp-<category>-s<seed> -S data.source=<folder> -S data.layout=mvtec -S seed=<seed>
 
-The category `elpv` (`elpv_data.py`: real electroluminescence images of monocrystalline solar
-cells, real defects, image-level labels only) is a `folder`-layout folder instead
-(`-S data.layout=folder`); its pip package (CC BY-NC-SA, no project requirement) is installed on
-demand, and its pixel metrics are null.
+The category `elpv` (`experiments/data/elpv_data.py`: real electroluminescence images of
+monocrystalline solar cells, real defects, image-level labels only) is a `folder`-layout folder
+instead (`-S data.layout=folder`); its pip package (CC BY-NC-SA, no project requirement) is
+installed on demand, and its pixel metrics are null.
 
 (`--temp` runs in a scratch copy, so the workspace is left as it is; each run stays a DVC
 experiment you can `dvc exp show`.) It reads every method's `metrics/<method>.json` back from the
@@ -38,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "experiments" / "data"))  # the data builders
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import io  # noqa: E402

@@ -3,19 +3,22 @@
     python docs/make_results.py            # write docs/results/*.md and the README's results block
     python docs/make_results.py --check    # write nothing; exit 1 listing every file that differs
 
-Nothing here is typed by hand: edit the sources (rerun a benchmark, commit its JSON), then run this.
+Nothing here is typed by hand: edit the sources (rerun a benchmark or an experiment, commit its
+JSON), then run this.
 
 - docs/results/realphoto.md: `bench/realphoto.json` (the real-photo benchmark, `{category:
   {method: {figures, spread, per_seed, per_defect}}}`), every method and category in it, rendered by
-  `bench/realphoto_table.py`; `bench/realphoto_s0_pix.json` (`ddpm` with the reconstruction alone)
-  where it exists; the benchmark's goals (`TARGETS` in `bench/realphoto.py`).
-- docs/results/grid.md: `bench/grid_<data>.md` as `bench/grid.py report` wrote them, and the row
-  count of `bench/grid_<data>.json`.
+  `experiments/realphoto_table.py`; `experiments/results/realphoto_s0_pix.json` (`ddpm` with the
+  reconstruction alone) where it exists; the benchmark's goals (`TARGETS` in `bench/realphoto.py`).
+- docs/results/grid.md: `experiments/results/grid_<data>.md` as `experiments/grid.py report` wrote
+  them, and the row count of `experiments/results/grid_<data>.json`.
 - docs/results/speed.md: `bench/bench.json` and `bench/bench_full.json` (repro_units and
   bench_units computed as seconds x bare_train_images_per_s where a file lacks them; the goals are
   `GOALS` in `bench/bench.py`), and `metrics/timing/summary.md`.
 - docs/results/embedded.md: the embedded default run, `metrics/summary.md` and
   `metrics/infer_<method>.json`.
+- docs/results/features.md: `experiments/results/ddad_adapt_*.json` and the tissue runs
+  `experiments/results/realphoto_s0{,_pix,_ddad}.json`.
 - README.md, between BEGIN and END: per data set, the best diffusion method's and `patchcore`'s
   figures (three-seed means on the real photographs; the embedded marble from `metrics/`).
 
@@ -33,7 +36,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+RUNS = ROOT / "experiments" / "results"  # the experiments' committed results
+sys.path.insert(0, str(ROOT / "experiments"))
 
 import realphoto_table  # noqa: E402  (the real-photo table and the method-against-reference comparison)
 
@@ -110,7 +114,7 @@ def realphoto() -> dict:
 
 
 def reconstruction_only() -> tuple[Path, dict] | None:
-    path = ROOT / "bench/realphoto_s0_pix.json"
+    path = RUNS / "realphoto_s0_pix.json"
     return (path, _json(path)) if path.exists() else None
 
 
@@ -259,7 +263,7 @@ def realphoto_md() -> tuple[str, list[Path]]:
 
 def grid_md() -> tuple[str, list[Path]]:
     parts, sources = [], []
-    for md in sorted((ROOT / "bench").glob("grid_*.md")):
+    for md in sorted(RUNS.glob("grid_*.md")):
         data = md.stem.removeprefix("grid_")
         sources.append(md)
         part = f"## {'The embedded marble' if data == 'embedded' else f'Real-photo category {data}'}\n\n"
@@ -268,7 +272,7 @@ def grid_md() -> tuple[str, list[Path]]:
             sources.append(rows)
             found = _json(rows)
             runs = len({r.get("experiment") for r in found})
-            part += (f"From `{_rel(md)}`, written by `python bench/grid.py report` from {len(found)} rows of "
+            part += (f"From `{_rel(md)}`, written by `python experiments/grid.py report` from {len(found)} rows of "
                      f"{runs} runs (`{_rel(rows)}` names each row's experiment).\n\n")
         plot = ROOT / f"plots/grid_contamination_{data}.png"
         if plot.exists():
@@ -386,8 +390,8 @@ def embedded_md() -> tuple[str, list[Path]]:
 
 def features_md() -> tuple[str, list[Path]]:
     """DDAD's feature-space distance, with and without its domain adaptation of the extractor
-    (`bench/ddad_adapt_*.json`): val's best map criterion and image AUROC, and test, per variant."""
-    paths = sorted((ROOT / "bench").glob("ddad_adapt_*.json"))
+    (`experiments/results/ddad_adapt_*.json`): val's best map criterion and image AUROC, and test, per variant."""
+    paths = sorted(RUNS.glob("ddad_adapt_*.json"))
     text = ("The reconstruction's map alone (`infer.memory: false`), its error in pixels (`abs`) or in the "
             "pretrained feature space (`feature`, DDAD), the extractor as shipped or fine-tuned on the "
             "train-normal images against their reconstructions (`infer.adapt_steps`, DDAD's domain "
@@ -403,7 +407,7 @@ def features_md() -> tuple[str, list[Path]]:
                      f"{_f3(t['pixel_auroc'])} | {_f3(t['aupro'])} | {_f3(t['image_auroc'])} |\n")
     runs = [("error=abs, infer.memory=false", "realphoto_s0_pix"), ("error=feature, infer.memory=false",
             "realphoto_s0_ddad"), ("error=abs, infer.memory=true (the default)", "realphoto_s0")]
-    found = [(label, ROOT / "bench" / f"{stem}.json") for label, stem in runs if (ROOT / "bench" / f"{stem}.json").exists()]
+    found = [(label, RUNS / f"{stem}.json") for label, stem in runs if (RUNS / f"{stem}.json").exists()]
     rows = []
     for label, path in found:
         m = (_json(path).get("tissue") or {}).get("ddpm")
@@ -426,8 +430,8 @@ def index_md(pages: dict[str, str]) -> str:
     lines = [f"- [{name}]({name}): {what}" for name, what in pages.items()]
     return ("# Results\n\n<!-- generated by docs/make_results.py: run python docs/make_results.py -->\n\n"
             "Every table here is written by `python docs/make_results.py` from committed JSON and Markdown "
-            "that the benchmarks and the pipeline wrote; `python docs/make_results.py --check` (run by "
-            "`tests/test_docs.py`) fails when a table differs from its sources.\n\n" + "\n".join(lines) + "\n")
+            "that the benchmarks, the experiments and the pipeline wrote; `python docs/make_results.py --check` "
+            "(run by `tests/test_docs.py`) fails when a table differs from its sources.\n\n" + "\n".join(lines) + "\n")
 
 
 def outputs() -> dict[Path, str]:

@@ -61,7 +61,7 @@ def workflow_repo(tmp_path_factory):
     run puts it back first (`back_to_the_committed_run`)."""
     from tinyrepo import make, sh
 
-    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/",))
+    d = make(tmp_path_factory.mktemp("workflow"), skip=("bench/", "experiments/"))
     res = sh("dvc", "repro", cwd=d)
     sh("git", "add", "-A", cwd=d)
     sh("git", "commit", "-qm", "repro", cwd=d)

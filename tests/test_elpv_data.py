@@ -1,4 +1,4 @@
-"""bench/elpv_data.py on a fake, tiny ELPV data folder: only mono cells of probability 0 or 1 are
+"""experiments/data/elpv_data.py on a fake, tiny ELPV data folder: only mono cells of probability 0 or 1 are
 copied, the other cell type is never opened, the seeded sample, the folder layout, the bytes.
 Needs neither the elpv_dataset package nor the network."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+BUILDERS = Path(__file__).resolve().parents[1] / "experiments" / "data"
+sys.path.insert(0, str(BUILDERS))
 
 import elpv_data  # noqa: E402
 from anodiff.layouts import read_layout  # noqa: E402

@@ -1,4 +1,4 @@
-"""The experiment grid's bookkeeping (bench/grid.py): which experiments it queues, and the table and
+"""The experiment grid's bookkeeping (experiments/grid.py): which experiments it queues, and the table and
 plot it makes of them. Running the grid (DVC's queue) is a benchmark, not a test."""
 
 import argparse
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import grid  # noqa: E402
 
@@ -65,7 +65,7 @@ def test_report_without_experiments_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "_committed_default", lambda *a: [])  # nor a committed default run
     monkeypatch.setattr(grid, "_recorded_default", lambda *a: [])  # nor one another benchmark kept
     args = argparse.Namespace(category=None, seeds=[0], contamination=grid.CONTAMINATION, out_dir=tmp_path, plot_dir=tmp_path)
-    with pytest.raises(SystemExit, match="bench/grid.py run"):
+    with pytest.raises(SystemExit, match="experiments/grid.py run"):
         grid.report(args)
 
 
@@ -107,16 +107,18 @@ def test_recorded_default_runs_fill_seeds_the_grid_did_not_run(tmp_path):
     per_seed = [dict(_fake_metrics("x-s0", "ddpm"), seed=0), dict(_fake_metrics("x-s2", "ddpm"), seed=2)]
     io.write_json(tmp_path / "realphoto.json", {"moon": {"ddpm": {"per_seed": per_seed},
                                                         "rddpm": {"per_seed": [dict(p, pixel_ap=0.1) for p in per_seed]}}})
-    rows = grid._recorded_default("moon", [0, 1, 2], {"grid-moon-c0.1-huber-s2"}, bench=tmp_path)
+    kept = dict(realphoto=tmp_path / "realphoto.json", results=tmp_path)
+    rows = grid._recorded_default("moon", [0, 1, 2], {"grid-moon-c0.1-huber-s2"}, **kept)
     # seed 2's default cell ran in the grid, seed 1 was never recorded: only seed 0, both methods
     assert [(r["method"], r["loss"], r["seed"], r["contamination"]) for r in rows] == \
         [("ddpm", "mse", 0, 0.1), ("rddpm", "huber", 0, 0.1)]
     assert rows[1]["pixel_ap"] == 0.1 and rows[0]["experiment"] == "bench/realphoto.json"
-    assert grid._recorded_default("hubble", [0], set(), bench=tmp_path) == []  # no such category there
+    assert grid._recorded_default("hubble", [0], set(), **kept) == []  # no such category there
     (tmp_path / "gan_vs_ddpm").mkdir()
     io.write_json(tmp_path / "gan_vs_ddpm" / "marble_s1.json", {"ddpm": _fake_metrics("x-s1", "ddpm")})
-    rows = grid._recorded_default("embedded", [0, 1], set(), bench=tmp_path)
-    assert [(r["method"], r["seed"], r["experiment"]) for r in rows] == [("ddpm", 1, "bench/gan_vs_ddpm/marble_s1.json")]
+    rows = grid._recorded_default("embedded", [0, 1], set(), **kept)
+    assert [(r["method"], r["seed"], r["experiment"]) for r in rows] == \
+        [("ddpm", 1, "experiments/results/gan_vs_ddpm/marble_s1.json")]
 
 
 def test_deltas_pair_each_variant_with_its_baseline_of_the_same_seed():

@@ -1,5 +1,6 @@
 """The real-photo benchmark's bookkeeping (bench/realphoto.py): the mean over seeds, the spread,
-the per-defect figures and the table. Running it (DVC per category) is a benchmark, not a test."""
+the per-defect figures and the table; its Markdown (experiments/realphoto_table.py). Running it
+(DVC per category) is a benchmark, not a test."""
 
 import json
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # realphoto_table
 
 import realphoto  # noqa: E402
 

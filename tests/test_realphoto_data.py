@@ -1,4 +1,4 @@
-"""bench/realphoto_data.py: layout, exact masks, determinism, disjoint regions, reserved images."""
+"""experiments/data/realphoto_data.py: layout, exact masks, determinism, disjoint regions, reserved images."""
 
 import sys
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+BUILDERS = Path(__file__).resolve().parents[1] / "experiments" / "data"
+sys.path.insert(0, str(BUILDERS))
 
 import realphoto_data as rp  # noqa: E402
 
@@ -32,7 +32,7 @@ def _locate(photo: np.ndarray, tile: np.ndarray) -> list[tuple[int, int]]:
 
 
 def test_reserved_images_are_never_used():
-    source = (BENCH / "realphoto_data.py").read_text()
+    source = (BUILDERS / "realphoto_data.py").read_text()
     for name in ("brick", "grass", "gravel"):
         assert f"{name}(" not in source
         assert name not in source.lower()

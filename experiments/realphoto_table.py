@@ -1,8 +1,11 @@
-"""The real-photo benchmark's results as Markdown, written from its JSON (docs/make_results.py renders
-docs/results/realphoto.md with it, so the tables cannot drift from the figures they quote).
+"""The real-photo benchmark's results (its JSON) rendered as Markdown tables.
 
-    python bench/realphoto_table.py                                   # bench/realphoto.json
-    python bench/realphoto_table.py bench/realphoto.json --variant 'ddpm, reconstruction only=bench/realphoto_pix.json:ddpm'
+    python experiments/realphoto_table.py                             # bench/realphoto.json
+    python experiments/realphoto_table.py bench/realphoto.json \
+        --variant 'ddpm, reconstruction only=experiments/results/realphoto_s0_pix.json:ddpm'
+
+docs/make_results.py renders docs/results/realphoto.md with it, so the tables cannot drift from the
+figures they quote.
 
 One row per category and method: the mean over seeds of pixel AUROC, AUPRO and image AUROC (the
 range over seeds in brackets where there are several), the worst defect family's pixel AUROC,
@@ -19,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("pixel_auroc", "aupro", "image_auroc")
-BEGIN, END = "<!-- realphoto-table: bench/realphoto_table.py -->", "<!-- /realphoto-table -->"
+BEGIN, END = "<!-- realphoto-table: experiments/realphoto_table.py -->", "<!-- /realphoto-table -->"
 
 
 def _fmt(m: dict, key: str) -> str:

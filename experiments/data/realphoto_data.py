@@ -1,6 +1,8 @@
-"""Real photographs with synthetic defects, in the MVTec-AD folder layout.
+"""The data builder of the real-photo categories: real photographs with synthetic defects, in the MVTec-AD layout.
 
-    python bench/realphoto_data.py OUT_DIR [--categories tissue moon] [--seed 0] [--preview]
+    python experiments/data/realphoto_data.py OUT_DIR [--categories tissue moon] [--seed 0] [--preview]
+
+bench/realphoto.py (the benchmark) and experiments/grid.py (`--category`) build their data with it.
 
 Sources (shipped inside installed packages, nothing downloaded): tissue, moon (grayscale) and
 hubble from skimage.data; terrain = matplotlib's Jacksboro fault DEM as a LightSource hillshade.

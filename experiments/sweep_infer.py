@@ -1,6 +1,6 @@
-"""Sweep anomaly-map settings for one trained checkpoint: choose on val, test is report-only.
+"""The experiment driver that sweeps anomaly-map settings for one trained checkpoint: choose on val, test report-only.
 
-    python bench/sweep_infer.py --method ddpm --out bench/sweep_ddpm.json \
+    python experiments/sweep_infer.py --method ddpm --out experiments/results/sweep_ddpm.json \
         --grid '{"t_starts": [[30], [30, 100]], "normalize": ["auto", "image", "texture2"]}'
 
 Each setting overrides params.yaml's `infer` section and is run the way `infer` runs it:

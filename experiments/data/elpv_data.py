@@ -1,6 +1,6 @@
-"""Real solar-cell images (ELPV) as the real-photo benchmark's category `elpv`, in the `folder` layout.
+"""The data builder of the real-photo benchmark's category `elpv`: real solar-cell images, in the `folder` layout.
 
-    python bench/elpv_data.py OUT_DIR [--source DIR] [--seed 0] [--n-normal 224] [--n-anomalous 132]
+    python experiments/data/elpv_data.py OUT_DIR [--source DIR] [--seed 0] [--n-normal 224] [--n-anomalous 132]
 
 Source: the pip package `elpv-dataset` (ELPV: electroluminescence images of solar-cell modules,
 Buerhop-Lutz et al. 2018, Deitsch et al. 2019; 300x300 grayscale PNGs). Its licence is
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's anodiff
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # this checkout's anodiff
 from anodiff import io  # noqa: E402
 
 CATEGORY = "elpv"

@@ -1,9 +1,11 @@
-"""The methods' claims as a grid of DVC experiments: robust loss against contamination, simplex
-against Gaussian noise, over seeds, queued and run with DVC's own machinery.
+"""The experiment driver of the methods' claims as a grid of DVC experiments, and its report.
 
-    python bench/grid.py run --seeds 0 1 2 --jobs 2      # queue the grid, run it, then report
-    python bench/grid.py run --category moon --seeds 0   # on a real-photo category instead
-    python bench/grid.py report                          # table and plot from finished experiments
+    python experiments/grid.py run --seeds 0 1 2 --jobs 2      # queue the grid, run it, then report
+    python experiments/grid.py run --category moon --seeds 0   # on a real-photo category instead
+    python experiments/grid.py report                          # table and plot from finished experiments
+
+The claims: robust loss against contamination, simplex against Gaussian noise, over seeds, queued
+and run with DVC's own machinery.
 
 `run` queues one experiment per cell (names `grid-<data>-c<contamination>-<loss>-s<seed>` and
 `grid-<data>-<noise>-s<seed>`):
@@ -17,14 +19,14 @@ is the baseline of each robust loss; the Gaussian cell of the noise claim is the
 (contamination 0.1, `huber`), whose `ddpm` uses Gaussian noise.
 
 `report` reads every method's `metrics/<method>.json` back from the newest experiment of each
-name and writes `bench/grid.json` (one row a cell and method, with the experiment it came from),
-`bench/grid.md` (the mean over seeds, the range in brackets; then each claim as paired differences,
-a robust loss minus `ddpm` of the same experiment and simplex minus Gaussian of the same seed, mean
-and range over seeds) and `plots/grid_contamination.png` (pixel AP and pixel AUROC against
-contamination, a line per loss and seed; below, the paired differences). A seed whose default cell
-did not run takes it from runs of default params that other benchmarks kept (`_committed_default`,
-`_recorded_default`). Test figures, settings chosen
-on val by the pipeline itself.
+name and writes `experiments/results/grid_<data>.json` (one row a cell and method, with the
+experiment it came from), `experiments/results/grid_<data>.md` (the mean over seeds, the range in
+brackets; then each claim as paired differences, a robust loss minus `ddpm` of the same experiment
+and simplex minus Gaussian of the same seed, mean and range over seeds) and
+`plots/grid_contamination_<data>.png` (pixel AP and pixel AUROC against contamination, a line per
+loss and seed; below, the paired differences). A seed whose default cell did not run takes it from
+runs of default params kept elsewhere (`_committed_default`, `_recorded_default`). Test figures,
+settings chosen on val by the pipeline itself.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "bench"))  # the real-photo benchmark's DVC helpers
+sys.path.insert(0, str(ROOT / "experiments" / "data"))  # the data builders
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import io  # noqa: E402
@@ -165,25 +168,25 @@ def collect(data: str, seeds: list[int], contamination=CONTAMINATION) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _recorded_default(data: str, seeds: list[int], found: set[str], bench: Path = ROOT / "bench") -> list[dict]:
+def _recorded_default(data: str, seeds: list[int], found: set[str], realphoto: Path = ROOT / "bench/realphoto.json",
+                      results: Path = ROOT / "experiments/results") -> list[dict]:
     """The default cell (contamination 0.1, huber, Gaussian) of a seed whose grid experiment did not
-    run, where another benchmark ran default params with that seed and kept the test figures: a
-    real-photo category's `ddpm` and `rddpm` from `bench/realphoto.json` (per seed), the marble's
-    `ddpm` from `bench/gan_vs_ddpm/marble_s<seed>.json` (its `rddpm` did not run). They may come
-    from another machine than the grid (the last digits move); the `experiment` column says where
-    each row comes from."""
+    run, where another run of default params with that seed kept the test figures: a real-photo
+    category's `ddpm` and `rddpm` from the benchmark's `bench/realphoto.json` (per seed), the
+    marble's `ddpm` from `experiments/results/gan_vs_ddpm/marble_s<seed>.json` (its `rddpm` did not
+    run). They may come from another machine than the grid (the last digits move); the `experiment`
+    column says where each row comes from."""
     rows = []
     todo = [s for s in seeds if f"grid-{data}-c0.1-huber-s{s}" not in found]
     if data == "embedded":
         for seed in todo:
-            path = bench / "gan_vs_ddpm" / f"marble_s{seed}.json"
+            path = results / "gan_vs_ddpm" / f"marble_s{seed}.json"
             if path.exists():
                 m = io.read_json(path)["ddpm"]
-                rows.append(_row(m, data=data, experiment=f"bench/gan_vs_ddpm/{path.name}", seed=seed,
+                rows.append(_row(m, data=data, experiment=f"experiments/results/gan_vs_ddpm/{path.name}", seed=seed,
                                  method="ddpm", contamination=0.1, loss="mse", noise="gaussian"))
         return rows
-    path = bench / "realphoto.json"
-    recorded = io.read_json(path).get(data, {}) if path.exists() else {}
+    recorded = io.read_json(realphoto).get(data, {}) if realphoto.exists() else {}
     for method, loss in (("ddpm", "mse"), ("rddpm", "huber")):
         for m in recorded.get(method, {}).get("per_seed", []):
             if m.get("seed") in todo:
@@ -308,7 +311,7 @@ def report(args, data: str | None = None) -> None:
     df = collect(data, args.seeds, args.contamination)
     if df.empty:
         raise SystemExit(f"error: no finished grid experiment for {data}, seeds {args.seeds}; "
-                         "run `python bench/grid.py run` first")
+                         "run `python experiments/grid.py run` first")
     out = args.out_dir
     io.write_json(out / f"grid_{data}.json", df.to_dict(orient="records"))
     gaussian = df[df["noise"] == "gaussian"]  # every experiment's rows: a robust loss pairs with its own run's mse
@@ -338,7 +341,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "report"))
     parser.add_argument("--category", choices=CATEGORIES, default=None,
-                        help="a real-photo category of bench/realphoto_data.py; default: the embedded marble")
+                        help="a real-photo category of experiments/data/realphoto_data.py; default: the embedded marble")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--contamination", nargs="*", type=float, default=list(CONTAMINATION),
                         help="data.contamination values of the loss grid (none: only the noise cells)")
@@ -349,10 +352,11 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="dvc queue start --jobs")
     parser.add_argument("--threads", type=int, default=0,
                         help="ANODIFF_THREADS of each job; default: the cores over --jobs")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "bench/realphoto_data")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "bench/realphoto_data",
+                        help="where the category is built; default: the real-photo benchmark's images")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "experiments/results")
     parser.add_argument("--plot-dir", type=Path, default=ROOT / "plots")
-    parser.add_argument("--log", type=Path, default=ROOT / "bench/grid.log")
+    parser.add_argument("--log", type=Path, default=ROOT / "experiments/results/grid.log")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit("error: --jobs must be at least 1")
