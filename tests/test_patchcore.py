@@ -24,6 +24,25 @@ def test_coreset_is_seeded_and_bounded():
     assert torch.equal(patchcore.greedy_coreset(pts, 500, torch.Generator()), torch.arange(200))
 
 
+def test_coreset_equals_the_plain_k_centre_greedy_bit_for_bit():
+    import math
+
+    def plain(patches, n, generator, projection):  # the textbook loop the fused one must reproduce
+        x = patches @ (torch.randn(patches.shape[1], projection, generator=generator) / math.sqrt(projection))
+        sq, chosen = (x * x).sum(1), []
+        idx, min_d = int(torch.randint(len(x), (1,), generator=generator)), torch.full((len(x),), float("inf"))
+        for _ in range(n):
+            chosen.append(idx)
+            c = x[idx]
+            min_d = torch.minimum(min_d, sq - 2 * (x @ c) + c.dot(c))
+            idx = int(min_d.argmax())
+        return torch.tensor(chosen)
+
+    pts = torch.randn(3000, 152, generator=torch.Generator().manual_seed(2))
+    got = patchcore.greedy_coreset(pts, 300, torch.Generator().manual_seed(5), projection=32)
+    assert torch.equal(got, plain(pts, 300, torch.Generator().manual_seed(5), 32))
+
+
 def test_query_in_the_bank_scores_exactly_zero_and_others_their_distance():
     bank = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
     q = torch.tensor([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0], [10.0, 1.0]])

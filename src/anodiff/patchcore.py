@@ -48,11 +48,12 @@ def greedy_coreset(patches: torch.Tensor, n: int, generator: torch.Generator, pr
     sq = (x * x).sum(1)
     chosen = torch.empty(n, dtype=torch.long)
     idx = int(torch.randint(P, (1,), generator=generator))
-    min_d = torch.full((P,), float("inf"))
+    min_d, d = torch.full((P,), float("inf")), torch.empty(P)
     for k in range(n):
         chosen[k] = idx
         c = x[idx]
-        d = sq - 2 * (x @ c) + c.dot(c)
+        torch.addmv(sq, x, c, alpha=-2, out=d)  # |x|^2 - 2 x.c, in place: the same sums as sq - 2 * (x @ c)
+        d.add_(c.dot(c))
         torch.minimum(min_d, d, out=min_d)
         idx = int(min_d.argmax())
     return chosen

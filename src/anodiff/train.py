@@ -48,8 +48,8 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, new in zip(self.model.parameters(), model.parameters()):
-            avg.lerp_(new, 1 - d)
+        # one fused call over every tensor (the same lerp, element by element, as a loop of lerp_)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for avg, new in zip(self.model.buffers(), model.buffers()):
             avg.copy_(new)
 
@@ -66,7 +66,7 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
                batch_size: int, lr: float, grad_clip: float, ema_decay: float, train_crop: int,
                noise_kw: dict | None = None, huber_delta: float = 1.0, lts_keep: float = 1.0, device=None,
                stage_name: str = "train", progress: bool = True, snapshots=None, amp: bool = False,
-               channels_last: bool = False) -> TrainResult:
+               channels_last: bool = False, lr_schedule: str = "constant") -> TrainResult:
     """Train `model` (in place) to predict the `noise` ('gaussian' or 'simplex', with `noise_kw`)
     added to `images` (N, C, H, W) in [-1, 1], with Adam, clipped gradients and an EMA copy.
 
@@ -79,6 +79,9 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
 
     Under torchrun (anodiff.distributed) each rank trains on its share of the same global batch,
     with DistributedDataParallel; only rank 0 writes snapshots.
+
+    `lr_schedule`: "constant", or "cosine" (torch's CosineAnnealingLR from `lr` down to 0 over
+    every step of the run, stepped after each optimiser step).
 
     `amp`: the forward pass under autocast, in bfloat16 (float16 with a gradient scaler on a GPU
     without bfloat16); the loss and the weights stay float32. `channels_last`: the network and
@@ -108,11 +111,17 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
     if n == 0:
         raise ValueError(f"{stage_name}: no training images")
     steps_per_epoch = math.ceil(n / bs)  # the last batch may be smaller; it is still used
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"{stage_name}: lr_schedule {lr_schedule!r} is not constant or cosine")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch) \
+        if lr_schedule == "cosine" else None
     rows, last_finite, step, first_epoch, before = [], None, 0, 0, 0.0
     state = snapshots.load() if snapshots is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         ema.model.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
         generator.set_state(state["rng"])
@@ -157,6 +166,8 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
             ema.update(model)
             step += 1
             if lazy:
@@ -179,6 +190,7 @@ def train_ddpm(model, schedule, images, *, loss: str, noise: str, generator: tor
         if snapshots is not None and epoch + 1 < epochs and rank == 0:
             snapshots.maybe_save(lambda: {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.model.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "ema_updates": ema.updates, "rng": generator.get_state(), "rows": rows, "last_finite": last_finite,
                 "step": step, "epoch": epoch + 1, "seconds": before + time.perf_counter() - started})
     bar.close()
