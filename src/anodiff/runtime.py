@@ -31,6 +31,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
 
 
+def native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles): then
+    bfloat16 autocast is faster than float32 there; elsewhere it is emulated, and slower."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def memory_format(model: torch.nn.Module) -> torch.memory_format:
     """channels_last if the model's first convolution kernel (wider than 1x1) is stored so, else contiguous."""
     for p in model.parameters():
