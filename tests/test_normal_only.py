@@ -70,7 +70,7 @@ def test_normal_only_folder_through_the_whole_tiny_pipeline(tmp_path):
     from tinyrepo import make, sh
 
     src = normal_folder(tmp_path / "good_parts", n=24)
-    d = make(tmp_path / "repo", skip=("bench/",), extra={"data": {"source": str(src)}})
+    d = make(tmp_path / "repo", skip=("bench/", "experiments/"), extra={"data": {"source": str(src)}})
     res = sh("dvc", "repro", cwd=d)
     log = res.stdout + res.stderr
     assert "train_gan_noise: skipped" in log and "data.contamination: 0.1 ignored" in log
