@@ -1,9 +1,9 @@
-"""infer@<method>: anomaly maps for every val and test image.
+"""infer@<method>: calibrated anomaly maps and image scores for every val and test image.
 
 For each image: noise it to t_start with the method's noise (the DDPM's training noise, or the
 GAN generator's learned noise), denoise back in a few deterministic DDIM steps with the frozen
 DDPM, and compare, at each noise level of `infer.t_starts`. Normal val images calibrate the maps
-and image scores (`infer.normalize`; `auto` chooses the calibration on val, see select.py).
+and image scores (`infer.normalize`; `auto` chooses the calibration on val, see calibration_choice.py).
 Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly); the calibration
 chosen goes to metrics/infer_<method>.json, the timing to metrics/timing/infer_<method>.json.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from _common import ROOT, run_stage, write_timing
-from anodiff import anomaly, checkpoint, data, features, io, patchcore, select
+from anodiff import anomaly, calibration_choice, checkpoint, data, features, io, patchcore
 from anodiff.config import to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
@@ -61,7 +61,7 @@ def adapted_extractor(det: Detector, params) -> FeatureExtractor:
     rows = data.load_rows(PREPARED)
     rows = rows[(rows["split"] == "train") & (rows["label"] == "normal") & (rows["augmented"] == 0)]
     images = data.load_images(PREPARED, rows.reset_index(drop=True), params.data.channels)
-    recons = [det.raw_maps(images, Detector.noise_generator(params.seed + 1), desc=f"adapt t={t}", only=[t])[1]
+    recons = [det.raw_maps(images, Detector.noise_rng(params.seed + 1), desc=f"adapt t={t}", only=[t])[1]
               for t in det.levels()]
     pairs_x = torch.cat([images] * len(recons))
     started = time.perf_counter()
@@ -76,11 +76,11 @@ ADAPT_OFFSET = 211  # the adaptation's batches: a stream of their own
 
 
 def shared_levels(det: Detector, params, model: str, share_dir, rows) -> tuple[torch.Tensor, list[int], dict] | None:
-    """infer@ddpm's raw maps of the levels a GAN generator leaves alone, when they are the very maps
-    this run would draw: (maps (N, k, H, W) of those levels, the levels, infer@ddpm's timing), or None
-    with a line saying why not. The generator's level must be the plan's first (the noise streams
-    are drawn in plan order, and only that level is then drawn here), its noise residual on Gaussian
-    draws (as many draws from each image's stream as infer@ddpm's Gaussian noise takes)."""
+    """infer@ddpm's raw maps of the levels a GAN's noise model leaves alone, when they are the very
+    maps this run would draw: (maps (N, k, H, W) of those levels, the levels, infer@ddpm's timing), or
+    None with a line saying why not. The noise model's level must be the plan's first (the noise
+    streams are drawn in plan order, and only that level is then drawn here), its noise residual on
+    Gaussian draws (as many draws from each image's stream as infer@ddpm's Gaussian noise takes)."""
     def no(why):
         print(f"infer: every level recomputed ({why})")
         return None
@@ -89,9 +89,9 @@ def shared_levels(det: Detector, params, model: str, share_dir, rows) -> tuple[t
     if not meta_path.is_file():
         return no(f"no {share_dir}/meta.json")
     meta = io.read_json(meta_path)
-    own = det.fixed_t[0]
+    own = det.noise_model.t
     levels = det.levels()
-    if not det.generator_net.residual or det.noise_kind != "gaussian":
+    if not det.noise_model.net.residual or det.noise_kind != "gaussian":
         return no("the generator's noise is not residual on Gaussian draws")
     if levels[0] != own or len(levels) < 2 or meta.get("levels") != levels:
         return no(f"levels {levels} (generator at t={own}) against {meta.get('levels')}")
@@ -184,13 +184,13 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     `memory`: infer@patchcore's maps folder; val may then fuse the memory distance into the map."""
     device = pick_device()
     settings = params.infer
-    gen_path = noise_from if noise_from != model else None
-    reason = checkpoint.skipped_reason(ROOT / gen_path) if gen_path else None
+    noise_model_path = noise_from if noise_from != model else None
+    reason = checkpoint.skipped_reason(ROOT / noise_model_path) if noise_model_path else None
     if reason is not None:  # normal-only data: train_gan_noise left a record instead of a generator
         return write_skipped(method, reason)
     # the images are read with data.channels: a DDPM trained on the other count is refused here, by name
-    det = Detector.load(ROOT / model, settings, generator_path=gen_path and ROOT / gen_path, device=device,
-                        expect_arch={"in_channels": params.data.channels})
+    det = Detector.load(ROOT / model, settings, noise_model_path=noise_model_path and ROOT / noise_model_path,
+                        device=device, expect_arch={"in_channels": params.data.channels})
     if settings.error == "feature":  # DDAD's distance of input and reconstruction in feature space
         det.extractor = FeatureExtractor(params.patchcore.image_size).to(device)
         if settings.adapt_steps:
@@ -201,14 +201,14 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     images = data.load_images(PREPARED, rows, params.data.channels)
 
     reuse = None
-    if gen_path and share and (ROOT / share).is_dir():  # gan: infer@ddpm's maps of the levels G leaves alone
+    if noise_model_path and share and (ROOT / share).is_dir():  # gan: infer@ddpm's maps of the levels G leaves alone
         reuse = shared_levels(det, params, model, share, rows)
     started = time.perf_counter()
     if reuse is None:
-        raw, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}")
+        raw, recon = det.raw_maps(images, Detector.noise_rng(params.seed), desc=f"infer@{method}")
     else:
-        own, recon = det.raw_maps(images, Detector.noise_generator(params.seed), desc=f"infer@{method}",
-                                  only=[det.fixed_t[0]])
+        own, recon = det.raw_maps(images, Detector.noise_rng(params.seed), desc=f"infer@{method}",
+                                  only=[det.noise_model.t])
         raw = torch.cat([own, reuse[0]], dim=1)
     seconds = time.perf_counter() - started
     levels_raw = raw.numpy().astype(np.float32) if method == SHARE_SOURCE else None
@@ -218,17 +218,17 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     if memory is not None and settings.memory:  # the memory distance as one more level; val decides
         raw = torch.cat([raw, memory_maps(ROOT / memory, rows)], dim=1)
         memory_meta = io.read_artefact(ROOT / memory / "meta.json", io.read_json)
-    choice = select.calibrate_on_val(det, raw, rows["split"].to_numpy(),
+    choice = calibration_choice.calibrate_on_val(det, raw, rows["split"].to_numpy(),
                                      (rows["label"] == "anomalous").to_numpy(), data.load_masks(PREPARED, rows),
                                      levels=len(det.levels()))
     final, scores = det.finish(raw)
 
     table = rows[["path", "split", "label", "defect", "mask"]].copy()
     table["score"] = scores.numpy().astype(np.float64)
-    meta = {"method": method, "model": model, "generator": gen_path, "seed": params.seed,
+    meta = {"method": method, "model": model, "generator": noise_model_path, "seed": params.seed,
             "settings": to_dict(settings), "calibration": det.calibration_kinds(),
             "levels": det.levels(), "plan": det.plan(),
-            "noise": "gan" if gen_path else det.noise_kind, "image_size": det.image_size,
+            "noise": "gan" if noise_model_path else det.noise_kind, "image_size": det.image_size,
             "channels": det.channels, "n_images": len(rows),
             "feature_size": params.patchcore.image_size if settings.error == "feature" else None,
             "adapted_extractor": ADAPTED if adapted else None,

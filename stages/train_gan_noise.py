@@ -5,7 +5,7 @@ augmented copies), the val images and data/models/ddpm.pt; writes data/models/ga
 the loss and critic curves, the model-selection table and a metrics JSON. The diffusion schedule
 comes from the DDPM checkpoint (it was trained with it). Params read: `seed`, `data.channels`,
 `gan.*`, and `infer.*`, because G is selected on val with the very maps `infer@gan` will draw
-(the `ddpm` method's map with G's noise at its level, `Detector.plan`).
+(anodiff.gan_selection).
 
 Under torchrun (`ANODIFF_NPROC=N dvc repro train_gan_noise`, anodiff.distributed) G and D train
 with DistributedDataParallel on shares of the same global batches; rank 0 alone selects G on
@@ -17,10 +17,8 @@ import torch
 
 from _common import ROOT, run_stage, split_timing, torch_generator, write_timing
 from _live import write_live
-from anodiff import anomaly, checkpoint, data, distributed, gan, resume, select
+from anodiff import checkpoint, data, distributed, gan, gan_selection, resume
 from anodiff.config import to_dict
-from anodiff.detector import Detector
-from anodiff.features import FeatureExtractor
 from anodiff.errors import CheckpointError, DataError
 from anodiff.schedule import Schedule
 from anodiff.noisegen import Critic, NoiseGenerator
@@ -31,8 +29,6 @@ STAGE = "train_gan_noise"
 PREPARED = ROOT / "data/prepared"
 DDPM = ROOT / "data/models/ddpm.pt"
 OUT = ROOT / "data/models/gan_generator.pt"
-SELECTION_COLUMNS = ["step", "map_criterion", "image_auroc", "image_auroc_se", "pixel_auroc", "aupro",
-                     "map_calibration", "score_calibration"]
 
 
 def skip(reason: str) -> None:
@@ -79,19 +75,22 @@ def main(params):
 
     torch.manual_seed(params.seed)  # initial weights
     net = NoiseGenerator(channels, cfg.base_channels, cfg.n_blocks, cfg.bound, residual=cfg.residual)
-    critic = Critic(channels, cfg.base_channels, spectral_norm=cfg.spectral_norm)
-    # model selection on rank 0, the rank that keeps and writes G
-    evaluate = val_evaluator(params, ddpm, ckpt, net) if cfg.eval_every and rank == 0 else None
+    critic = Critic(channels, cfg.base_channels)
+    selection = None
+    if cfg.eval_every and rank == 0:  # model selection on rank 0, the rank that keeps and writes G
+        selection = gan_selection.on_val(
+            PREPARED, ddpm, ckpt, net, settings=params.infer, t=cfg.t, steps=cfg.denoise_steps, seed=params.seed,
+            channels=channels, feature_size=params.patchcore.image_size, every=cfg.eval_every, where=DDPM)
+        print(f"{STAGE}: model selection on {selection.evaluate.describe()}")
     used = {"seed": params.seed, "channels": channels, "gan": to_dict(cfg), "infer": to_dict(params.infer)}
     if ranks > 1:  # as the DDPM stages: a snapshot is of this many ranks, and every rank reads rank 0's
         used = {**used, "ranks": ranks}
     snaps = resume.for_stage(ROOT, STAGE, used, [PREPARED, DDPM], device.type if ranks > 1 else device)
     history, summary = gan.train_gan(
-        net, critic, ddpm, schedule, anomalous, normal, generator=torch_generator(params.seed, offset=2),
+        net, critic, ddpm, schedule, anomalous, normal, rng=torch_generator(params.seed, offset=2),
         device=device, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, n_critic=cfg.n_critic,
         gp_weight=cfg.gp_weight, mse_weight=cfg.mse_weight, t=cfg.t, denoise_steps=cfg.denoise_steps,
-        grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE, lr_critic=cfg.lr_critic,
-        ema_decay=cfg.ema_decay, evaluate=evaluate, eval_every=cfg.eval_every,
+        grad_clip=cfg.grad_clip, crop=cfg.crop, stage_name=STAGE, selection=selection,
         recompute=side >= 256, snapshots=snaps, progress=rank == 0)  # paper scale: recompute activations
     if rank != 0:
         return  # rank 0 alone writes the generator, curves and metrics
@@ -106,7 +105,7 @@ def main(params):
     quality, timing = split_timing(summary)
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in quality.items() if k != "ddpm_checksum"}
     # one row per candidate evaluated on val; none when selection is off (eval_every 0)
-    table = pd.DataFrame(candidates, columns=SELECTION_COLUMNS)
+    table = pd.DataFrame(candidates, columns=gan_selection.COLUMNS)
     if candidates:
         chosen = table[table.step == summary["selected_step"]].iloc[0]
         for prefix, row in (("val", chosen), ("start_val", table.iloc[0])):
@@ -123,37 +122,6 @@ def main(params):
           f"mse {summary['mse']:.5f}, {timing['images_per_s']:.2f} images/s; kept step {summary['selected_step']}"
           + (f" (val map {out['val_map_criterion']}, image AUROC {out['val_image_auroc']}; start "
              f"{out['start_val_map_criterion']}, {out['start_val_image_auroc']})" if candidates else ""))
-
-
-def val_evaluator(params, ddpm, ckpt, net):
-    """A function G -> val figures (select.val_figures) of the maps infer@gan would draw with G.
-
-    The levels that do not use G's noise are reconstructed once; each call redraws G's own level
-    with the same noise (common random numbers: candidates differ by G alone)."""
-    rows = data.load_rows(PREPARED, split="val", augmented=0)
-    images = data.load_images(PREPARED, rows, params.data.channels)
-    masks = data.load_masks(PREPARED, rows)
-    anomalous = (rows["label"] == "anomalous").to_numpy()
-    cfg, settings = params.gan, params.infer
-    candidates = anomaly.CALIBRATIONS if settings.normalize == "auto" else (settings.normalize,)
-    select.check_normal_count(int((~anomalous).sum()), candidates)
-    det = Detector.from_models(ddpm, ckpt, settings, (net, cfg.t, cfg.denoise_steps), where=DDPM)
-    if settings.error == "feature":  # G is judged by the very maps infer will make
-        det.extractor = FeatureExtractor(params.patchcore.image_size).to(next(ddpm.parameters()).device)
-    levels = det.levels()
-    others = [t for t in levels if t != cfg.t]
-    base = det.raw_maps(images, torch_generator(params.seed, offset=103), progress=False, only=others)[0] \
-        if others else None
-    print(f"{STAGE}: model selection on {len(rows)} val images ({int(anomalous.sum())} anomalous), "
-          f"levels {levels}, G's level t={cfg.t}")
-
-    def evaluate(g):
-        det.generator_net = g
-        own = det.raw_maps(images, torch_generator(params.seed, offset=104), progress=False, only=[cfg.t])[0]
-        parts = [own if t == cfg.t else base[:, [others.index(t)]] for t in levels]
-        return select.val_figures(torch.cat(parts, dim=1), ~anomalous, anomalous.astype(int), masks, candidates)
-
-    return evaluate
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from anodiff import anomaly
-from anodiff.detector import Detector, image_generators, memory_format
+from anodiff.detector import Detector, NoiseModel, image_generators, memory_format
 from anodiff.gan import state_checksum
 from conftest import infer_settings
 from anodiff.schedule import Schedule
@@ -275,17 +275,18 @@ def test_detector_plan():
     assert _detector(settings=multi).plan() == [(3, 2, 0.0), (3, 2, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
     per_level = infer_settings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
     assert _detector(settings=per_level).plan() == [(3, 1, 0.0), (6, 3, 4.0)]
-    # a GAN generator: the ddpm plan, with G's own level (its steps, unguided) in place of the
+    # a GAN's noise model: the ddpm plan, with its own level (its steps, unguided) in place of the
     # level at its t, or added first when the plan has none at that t
     two_draws = per_level.model_copy(update=dict(n_seeds=2))
+    net = nn.Identity()
     det = _detector(settings=two_draws)
-    det.generator_net, det.fixed_t = nn.Identity(), (6, 2)
-    det.generator_net.residual = True  # eps + learned correction: one pass per noise draw
+    det.noise_model = NoiseModel(net, 6, 2)
+    net.residual = True  # eps + learned correction: one pass per noise draw
     assert det.plan() == [(3, 1, 0.0), (3, 1, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
     assert det.levels() == [3, 6]
-    det.generator_net.residual = False  # learned noise alone is a function of the image: one pass
+    net.residual = False  # learned noise alone is a function of the image: one pass
     assert det.plan() == [(3, 1, 0.0), (3, 1, 0.0), (6, 2, 0.0)]
-    det.fixed_t = (4, 2)
+    det.noise_model = NoiseModel(net, 4, 2)
     assert det.plan() == [(4, 2, 0.0), (3, 1, 0.0), (3, 1, 0.0), (6, 3, 4.0), (6, 3, 4.0)]
     assert det.levels() == [4, 3, 6]
 
@@ -302,16 +303,24 @@ def test_gan_without_correction_gives_the_ddpm_maps_bit_for_bit():
     gan = _detector(settings=settings)
     gan.model = plain.model
     torch.manual_seed(0)
-    gan.generator_net, gan.fixed_t = NoiseGenerator(x.shape[1], 4, 1, residual=True), (3, 1)
+    start = NoiseGenerator(x.shape[1], 4, 1, residual=True)
+    gan.noise_model = NoiseModel(start, 3, 1)
     b, rb = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
     assert torch.equal(a, b) and torch.equal(ra, rb)
+    corrects = NoiseGenerator(x.shape[1], 4, 1, residual=True)
     with torch.no_grad():  # a generator that corrects changes G's level only
-        gan.generator_net.conv_out.bias.fill_(0.5)
-    c, _ = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
+        corrects.conv_out.bias.fill_(0.5)
+    other = gan.with_noise_net(corrects)  # the same detector with another noise network
+    c, _ = other.raw_maps(x, torch.Generator().manual_seed(5), progress=False)
     assert not torch.equal(a[:, 0], c[:, 0])
     assert torch.equal(a[:, 1], c[:, 1])
-    only, _ = gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False, only=[6])
+    assert gan.noise_model.net is start and other.noise_model == NoiseModel(corrects, 3, 1)  # gan left as it was
+    assert other.model is gan.model and other.settings is gan.settings
+    assert torch.equal(gan.raw_maps(x, torch.Generator().manual_seed(5), progress=False)[0], b)
+    only, _ = other.raw_maps(x, torch.Generator().manual_seed(5), progress=False, only=[6])
     assert only.shape[1] == 1
+    with pytest.raises(ValueError, match="noise model"):
+        plain.with_noise_net(corrects)
 
 
 def test_detector_maps_average_the_plan():
@@ -386,10 +395,10 @@ def test_an_image_gets_the_same_noise_in_any_batch_or_position():
     x = _images(n=5)
     det = _detector()
     det.settings = SETTINGS.model_copy(update=dict(n_seeds=2, batch_size=2))
-    together, _ = det.raw_maps(x, Detector.noise_generator(3), progress=False)
-    alone, _ = det.raw_maps(x[3:4], Detector.noise_generator(3), progress=False)
-    shuffled, _ = det.raw_maps(x[[4, 3, 0]], Detector.noise_generator(3), progress=False)
+    together, _ = det.raw_maps(x, Detector.noise_rng(3), progress=False)
+    alone, _ = det.raw_maps(x[3:4], Detector.noise_rng(3), progress=False)
+    shuffled, _ = det.raw_maps(x[[4, 3, 0]], Detector.noise_rng(3), progress=False)
     torch.testing.assert_close(alone[0], together[3], atol=1e-6, rtol=0)
     torch.testing.assert_close(shuffled[1], together[3], atol=1e-6, rtol=0)
-    other, _ = det.raw_maps(x[3:4], Detector.noise_generator(4), progress=False)
+    other, _ = det.raw_maps(x[3:4], Detector.noise_rng(4), progress=False)
     assert not torch.allclose(other[0], together[3], atol=1e-4)

@@ -1,5 +1,5 @@
 """Exact small cases of the map and score calibrations (anomaly.Calibration) and of choosing them
-on val (select.choose)."""
+on val (calibration_choice.choose)."""
 
 import math
 import warnings
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anodiff import anomaly, select
+from anodiff import anomaly, calibration_choice
 from anodiff.errors import DataError
 
 SIZE = 16
@@ -124,7 +124,7 @@ def test_calibration_state_round_trip_and_unfitted_use():
         anomaly.Calibration("texture").fit(normal[:1])
 
 
-# ------------------------------------------------------------------ select
+# ------------------------------------------------------------------ calibration_choice
 def _val_set(defect_value, n_normal=8, n_bad=6):
     normal = _busy(n_normal, levels=2, seed=10)
     bad = _with_patch(_busy(n_bad, levels=2, seed=11), defect_value)
@@ -137,7 +137,7 @@ def _val_set(defect_value, n_normal=8, n_bad=6):
 
 def test_choose_picks_a_two_sided_calibration_for_smooth_defects():
     raw, normal, labels, masks = _val_set(0.005)
-    choice = select.choose(raw, normal, labels, masks)
+    choice = calibration_choice.choose(raw, normal, labels, masks)
     assert choice["map"] in ("texture2", "mahalanobis")
     assert choice["score"] in ("texture2", "mahalanobis")
     assert choice["table"]["texture2"]["pixel_auroc"] == pytest.approx(1.0)
@@ -146,7 +146,7 @@ def test_choose_picks_a_two_sided_calibration_for_smooth_defects():
 
 def test_choose_without_masks_judges_maps_by_image_auroc():
     raw, normal, labels, _ = _val_set(1.5)
-    choice = select.choose(raw, normal, labels, None)
+    choice = calibration_choice.choose(raw, normal, labels, None)
     assert choice["table"][choice["map"]]["map_criterion"] == choice["table"][choice["map"]]["image_auroc"] == 1.0
     assert "pixel_auroc" not in choice["table"]["none"]
     assert choice["score"] in anomaly.CALIBRATED
@@ -162,17 +162,17 @@ def test_choose_fits_on_half_the_normals_and_judges_on_the_rest(monkeypatch):
         return real_fit(self, maps)
 
     monkeypatch.setattr(anomaly.Calibration, "fit", spy)
-    select.choose(raw, normal, labels, masks)
+    calibration_choice.choose(raw, normal, labels, masks)
     assert seen and all(torch.equal(m, raw[[0, 2, 4, 6]]) for m in seen)
 
 
 def test_too_few_normal_val_images_is_a_clear_error():
     raw, normal, labels, masks = _val_set(1.5, n_normal=3)
     with pytest.raises(DataError, match=r"split val has 3 normal image\(s\).*at least 4.*infer.normalize: image"):
-        select.choose(raw, normal, labels, masks)
-    select.check_normal_count(0, ["image", "none"])  # these need no normal images
+        calibration_choice.choose(raw, normal, labels, masks)
+    calibration_choice.check_normal_count(0, ["image", "none"])  # these need no normal images
     with pytest.raises(DataError, match="split val has 1 normal"):
-        select.check_normal_count(1, ["texture2"])
+        calibration_choice.check_normal_count(1, ["texture2"])
 
 
 # ------------------------------------------------------------------ read-only inputs
@@ -193,7 +193,7 @@ def test_read_only_arrays_give_no_warning():
         cal = anomaly.Calibration("texture").fit(raw[:4])
         state = {k: _read_only(v) for k, v in cal.state("p").items()}
         back = anomaly.Calibration.from_state("texture", state, "p")
-        select.choose(raw, _read_only(normal), _read_only(labels), _read_only(masks))
+        calibration_choice.choose(raw, _read_only(normal), _read_only(labels), _read_only(masks))
 
         class Det:  # the two calls calibrate_on_val makes of a Detector
             settings = type("S", (), {"normalize": "auto"})()
@@ -202,30 +202,11 @@ def test_read_only_arrays_give_no_warning():
                 self.kinds = (map_kind, score_kind)
 
         det = Det()
-        select.calibrate_on_val(det, raw, split, anomalous, _read_only(masks))
+        calibration_choice.calibrate_on_val(det, raw, split, anomalous, _read_only(masks))
     torch.testing.assert_close(back.apply(raw), cal.apply(raw))
     assert det.kinds[0] in anomaly.CALIBRATIONS
     state["p_loc"] = np.zeros_like(state["p_loc"])  # the calibration holds copies, not the caller's arrays
     torch.testing.assert_close(back.apply(raw), cal.apply(raw))
-
-
-def test_val_figures_are_those_of_the_chosen_calibrations_with_the_standard_error():
-    """The GAN's model selection judges a candidate by the figures `infer` would choose by."""
-    raw, normal, labels, masks = _val_set(0.005)
-    choice = select.choose(raw, normal, labels, masks)
-    fig = select.val_figures(raw, normal, labels, masks)
-    assert (fig["map_calibration"], fig["score_calibration"]) == (choice["map"], choice["score"])
-    assert fig["map_criterion"] == choice["table"][choice["map"]]["map_criterion"]
-    assert fig["image_auroc"] == choice["table"][choice["score"]]["image_auroc"] == 1.0
-    assert fig["image_auroc_se"] == 0.0  # a perfect AUROC has no spread
-    # judged on every anomalous val image and the half of the normal ones not fitted on
-    n_judged_normal = int(normal.sum()) - len(range(0, int(normal.sum()), 2))
-    from anodiff import metrics
-
-    noisy = select.val_figures(raw, normal, labels, masks, candidates=("none",))
-    assert noisy["map_calibration"] == noisy["score_calibration"] == "none"
-    assert noisy["image_auroc_se"] == pytest.approx(
-        metrics.auroc_standard_error(noisy["image_auroc"], int(labels.sum()), n_judged_normal))
 
 
 def test_texture_with_memory_weighs_the_reconstruction_and_the_memory_equally():
@@ -251,6 +232,6 @@ def test_choose_tries_the_fused_candidates_only_with_a_memory_map():
     raw = torch.rand(12, 3, 8, 8, generator=g) + 0.1
     normal = np.array([True] * 8 + [False] * 4)
     labels = (~normal).astype(int)
-    with_memory = select.choose(raw, normal, labels, None, levels=2)
+    with_memory = calibration_choice.choose(raw, normal, labels, None, levels=2)
     assert {"texture+memory", "texture2+memory3", "mahalanobis+memory"} <= set(with_memory["table"])
-    assert not any(k.endswith("+memory") for k in select.choose(raw[:, :2], normal, labels, None)["table"])
+    assert not any(k.endswith("+memory") for k in calibration_choice.choose(raw[:, :2], normal, labels, None)["table"])

@@ -59,7 +59,7 @@ def test_residual_generator_corrects_the_eps_it_is_given():
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net(x, eps), eps + 1.5, rtol=0, atol=1e-6)
     plain, _ = _nets(residual=False)
-    assert torch.equal(plain(x, eps), plain(x))  # the report's G ignores eps
+    assert torch.equal(plain(x, eps), plain(x))  # the SemanticDiffGAN paper's G ignores eps
     with pytest.raises(ValueError, match="bound must be > 0"):
         NoiseGenerator(C, bound=0.0)
 
@@ -74,35 +74,3 @@ def test_critic_has_no_sigmoid_no_batch_norm_and_any_batch_and_size():
     # a batch of one scores each sample as in a batch: no coupling between samples
     x = _images(4, 0)
     assert torch.allclose(critic(x)[1:2], critic(x[1:2]), atol=1e-6)
-
-
-def test_spectral_norm_bounds_every_critic_layer_whatever_the_weights_scale():
-    """Spectral normalisation divides each weight by its largest singular value, so the linear
-    head's effective weight has norm 1 and scaling the raw weights changes nothing."""
-    torch.manual_seed(0)
-    critic = Critic(C, 4, spectral_norm=True)
-    x = _images(6, 0)
-    for _ in range(30):  # each training-mode forward runs one power iteration
-        critic(x)
-    critic.eval()
-    layers = [m for m in critic.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(layers) == 5
-    for layer in layers:
-        sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2)
-        assert sigma.item() == pytest.approx(1.0, abs=1e-3)
-    before = critic(x)
-    with torch.no_grad():
-        for layer in layers:
-            layer.parametrizations.weight.original.mul_(100.0)
-    torch.testing.assert_close(critic(x), before, rtol=1e-4, atol=1e-5)
-    # and the slope: |D(x) - D(y)| <= L ||x - y|| with L bounded by the layers' products
-    # (a k x k conv normalised as a matrix is at most k-Lipschitz), unlike the plain critic
-    y = x + 0.01 * _images(6, 1)
-    slope = ((critic(x) - critic(y)).abs() / (x - y).flatten(1).norm(dim=1)).max().item()
-    assert slope <= 3 * 4 * 4 * 4
-    plain = Critic(C, 4)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.mul_(100.0)
-    plain_slope = ((plain(x) - plain(y)).abs() / (x - y).flatten(1).norm(dim=1)).max().item()
-    assert plain_slope > 100 * slope

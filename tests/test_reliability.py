@@ -45,6 +45,7 @@ from tinyrepo import ENV, make, sh
 from anodiff import cli, io, resume
 from anodiff import gan as G
 from anodiff.errors import ConfigError
+from anodiff.gan_selection import Selection
 from anodiff.noisegen import Critic, NoiseGenerator
 from anodiff.schedule import Schedule
 from anodiff.train import train_ddpm
@@ -514,7 +515,7 @@ def _gan_run(snapshots=None, init=1, seed=0):
     torch.manual_seed(0)
     ddpm = UNet(C, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), image_size=8)
     torch.manual_seed(init)
-    net, critic = NoiseGenerator(C, 4, 2, 1.5, residual=True), Critic(C, 4, spectral_norm=True)
+    net, critic = NoiseGenerator(C, 4, 2, 1.5, residual=True), Critic(C, 4)
     data = torch.rand((12, C, 8, 8), generator=torch.Generator().manual_seed(3)) * 2 - 1
 
     def evaluate(g):  # a val figure that depends on G's weights: the kept step varies with training
@@ -522,9 +523,9 @@ def _gan_run(snapshots=None, init=1, seed=0):
         return {"map_criterion": 0.5 + (s % 0.01), "image_auroc": 0.5 + (s % 0.01)}
 
     return net, G.train_gan(net, critic, ddpm, Schedule(20, "linear", 1e-4, 0.02), data[:6], data[6:],
-                            generator=torch.Generator().manual_seed(seed), device="cpu", lr=1e-3, batch_size=2,
+                            rng=torch.Generator().manual_seed(seed), device="cpu", lr=1e-3, batch_size=2,
                             epochs=5, n_critic=2, gp_weight=10.0, mse_weight=1.0, t=6, denoise_steps=1,
-                            grad_clip=1.0, crop=0, ema_decay=0.5, evaluate=evaluate, eval_every=4,
+                            grad_clip=1.0, crop=0, selection=Selection(evaluate, every=4),
                             progress=False, snapshots=snapshots)
 
 

@@ -214,10 +214,10 @@ def load_detector(args):
         raise CheckpointError(f"{meta_path}: no 'model' recorded; rerun `dvc repro infer@{args.method}` "
                               f"(or pass --checkpoint)")
     ddpm = Path(args.checkpoint) if args.checkpoint else _in_project(args, meta["model"])
-    generator = Path(args.generator) if args.generator else (
+    noise_model_path = Path(args.generator) if args.generator else (  # --generator: the GAN's noise network
         _in_project(args, meta["generator"]) if meta.get("generator") else None)
     device = pick_device()  # the stages' choice (runtime.py): CUDA when present
-    det = Detector.load(ddpm, settings, generator_path=generator, device=device)
+    det = Detector.load(ddpm, settings, noise_model_path=noise_model_path, device=device)
     if settings.error == "feature":
         if type(meta.get("feature_size")) is not int:
             raise CheckpointError(f"{meta_path}: no 'feature_size' for infer.error: feature; "
@@ -353,8 +353,8 @@ def predict(args) -> int:
         if args.method == "patchcore":
             return memory_maps, memory_maps.flatten(1).max(dim=1).values
         # the noise infer drew for these very images: each image's own stream, from one draw of the
-        # seed's generator (Detector.raw_maps), so a fresh generator per batch gives each its noise
-        raw, _ = det.raw_maps(x, Detector.noise_generator(seed), progress=False, desc="predict")
+        # seed's random-number generator (Detector.raw_maps), so a fresh one per batch gives each its noise
+        raw, _ = det.raw_maps(x, Detector.noise_rng(seed), progress=False, desc="predict")
         if memory is not None:
             raw = torch.cat([raw, memory_maps], dim=1)
         return det.finish(raw)

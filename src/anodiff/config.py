@@ -121,9 +121,6 @@ class Robust(Section):
 
 class GAN(Section):
     lr: Num(float, 0, lo_open=True)
-    lr_critic: Num(float, 0, lo_open=True)
-    spectral_norm: bool
-    ema_decay: Num(float, 0, 1, hi_open=True)
     eval_every: Num(int, 0)
     batch_size: Num(int, 2)
     epochs: Num(int, 1)

@@ -1,12 +1,19 @@
-"""One inference pathway for the pipeline's `infer` stage and for `anodiff predict`.
+"""The one inference path of `infer`, `anodiff predict` and GAN model selection: maps and scores.
+
+Raw maps per noise level (`Detector.raw_maps`), their calibration, final maps and image scores.
 
 anomalib's users met scores that differed between its training and export paths because they
-were two pieces of code (anomalib #2747); here both call `Detector.raw_maps` and `finish`.
+were two pieces of code; here all three call `Detector.raw_maps` (and `infer` and predict `finish`).
+
+Names: a GAN's noise network is a `NoiseModel` (the net, and the level `t` and DDIM `steps` it was
+trained for), loaded from `noise_model_path`; `rng` is always a torch random-number generator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +29,15 @@ from anodiff.schedule import Schedule
 from anodiff.unet import UNet
 
 
+class NoiseModel(NamedTuple):
+    """A GAN's noise network and the level it was trained for: its maps use its noise at noise
+    level `t`, denoised in `steps` DDIM steps, unguided."""
+
+    net: torch.nn.Module
+    t: int
+    steps: int
+
+
 @dataclass
 class Detector:
     model: torch.nn.Module
@@ -29,10 +45,9 @@ class Detector:
     settings: Infer  # the infer.* params that shape a map (stored with the maps so predict reuses them)
     image_size: int
     channels: int
-    generator_net: torch.nn.Module | None = None  # the GAN's noise generator, if any
+    noise_model: NoiseModel | None = None  # the GAN's noise network and its level, if any
     noise_kind: str = "gaussian"
     noise_kw: dict = field(default_factory=dict)
-    fixed_t: tuple[int, int] | None = None  # (t, steps) the GAN generator was trained for; unguided
     map_cal: anomaly.Calibration | None = None  # fitted by calibrate(), or restored by set_stats_arrays()
     score_cal: anomaly.Calibration | None = None
     full_chain: bool = False  # AnoDDPM's full ancestral chain instead of DDIM steps (bench/bench.py's reference)
@@ -43,29 +58,32 @@ class Detector:
     extractor: torch.nn.Module | None = None
 
     @classmethod
-    def load(cls, ddpm_path, settings: Infer, generator_path=None, device="cpu",
+    def load(cls, ddpm_path, settings: Infer, noise_model_path=None, device="cpu",
              expect_arch: dict | None = None) -> "Detector":
-        """From checkpoint files; `expect_arch` (e.g. {"in_channels": data.channels}) is compared
-        with the DDPM's stored architecture, and a GAN generator must match the DDPM's channels."""
+        """From checkpoint files: the DDPM and, for `gan`, the GAN's noise network
+        (`noise_model_path`, data/models/gan_generator.pt). `expect_arch` (e.g. {"in_channels":
+        data.channels}) is compared with the DDPM's stored architecture, and the noise network
+        must match the DDPM's channels."""
         model, ckpt = checkpoint.load(ddpm_path, UNet, device=device, expect_arch=expect_arch)
-        generator = None
-        if generator_path is not None:
-            net, gckpt = checkpoint.load(generator_path, NoiseGenerator, device=device)
+        noise_model = None
+        if noise_model_path is not None:
+            net, gckpt = checkpoint.load(noise_model_path, NoiseGenerator, device=device)
             if gckpt["arch"].get("channels") != ckpt["arch"].get("in_channels"):
-                raise CheckpointError(f"{generator_path}: generator has {gckpt['arch'].get('channels')} channels but "
+                raise CheckpointError(f"{noise_model_path}: generator has {gckpt['arch'].get('channels')} channels but "
                                       f"the DDPM {ddpm_path} has {ckpt['arch'].get('in_channels')}; "
                                       f"rerun `dvc repro train_gan_noise`")
             meta = gckpt.get("meta", {})
             if not all(type(meta.get(k)) is int and meta[k] >= 1 for k in ("t", "denoise_steps")):
-                raise CheckpointError(f"{generator_path}: generator checkpoint has no valid 't' and 'denoise_steps' "
+                raise CheckpointError(f"{noise_model_path}: generator checkpoint has no valid 't' and 'denoise_steps' "
                                       f"in its meta; rerun `dvc repro train_gan_noise`")
-            generator = (net, meta["t"], meta["denoise_steps"])
-        return cls.from_models(model, ckpt, settings, generator, where=ddpm_path)
+            noise_model = NoiseModel(net, meta["t"], meta["denoise_steps"])
+        return cls.from_models(model, ckpt, settings, noise_model, where=ddpm_path)
 
     @classmethod
-    def from_models(cls, model, ckpt: dict, settings: Infer, generator=None, where="the DDPM") -> "Detector":
-        """From a loaded DDPM (`ckpt` its checkpoint dict) and optionally (G, t, steps), a GAN
-        noise generator and the level it was trained for; train_gan_noise evaluates G this way."""
+    def from_models(cls, model, ckpt: dict, settings: Infer, noise_model: NoiseModel | None = None,
+                    where="the DDPM") -> "Detector":
+        """From a loaded DDPM (`ckpt` its checkpoint dict) and optionally a GAN's `NoiseModel`;
+        the GAN's model selection (gan_selection) builds its detector this way."""
         meta = ckpt.get("meta", {})
         if "schedule" not in meta:
             raise CheckpointError(f"{where}: checkpoint has no schedule metadata; rerun its training stage")
@@ -80,10 +98,17 @@ class Detector:
         det = cls(model=model, schedule=schedule.to(device), settings=settings,
                   image_size=int(arch["image_size"]), channels=int(arch["in_channels"]),
                   noise_kind=meta.get("noise", "gaussian"), noise_kw=dict(meta.get("noise_kw", {})))
-        if generator is not None:
-            det.generator_net, t, steps = generator
-            det.fixed_t = (t, steps)
+        if noise_model is not None:
+            det.noise_model = NoiseModel(*noise_model)
         return det
+
+    def with_noise_net(self, net: torch.nn.Module) -> "Detector":
+        """This detector with another noise network at the same level (the DDPM, settings and
+        calibrations shared, nothing copied): the GAN's model selection draws each candidate's
+        maps this way, leaving this detector as it is."""
+        if self.noise_model is None:
+            raise ValueError("with_noise_net needs a detector with a noise model (a GAN's)")
+        return dataclasses.replace(self, noise_model=self.noise_model._replace(net=net))
 
     @property
     def device(self):
@@ -93,58 +118,63 @@ class Detector:
         """(t_start, steps, guidance) of every reconstruction averaged into one map: each level of
         `settings.plan()`, `settings.n_seeds` times.
 
-        With a GAN generator the map is the `ddpm` method's map with the generator's noise at its
-        own level: the level at the generator's t takes its steps, unguided (its noise was learned
-        for that denoising), or is added first when the plan has no level at that t. A report's
-        generator (not residual) draws no noise, so its level is reconstructed once."""
+        With a noise model (a GAN's) the map is the `ddpm` method's map with its noise at its
+        own level: the level at its t takes its steps, unguided (its noise was learned for that
+        denoising), or is added first when the plan has no level at that t. The SemanticDiffGAN
+        paper's network (not residual) draws no noise, so its level is reconstructed once."""
         levels = list(self.settings.plan())
-        if self.generator_net is not None:
-            own = (*self.fixed_t, 0.0)
+        noise_model = self.noise_model
+        if noise_model is not None:
+            own = (noise_model.t, noise_model.steps, 0.0)
             if any(t == own[0] for t, _, _ in levels):
                 levels = [own if level[0] == own[0] else level for level in levels]
             else:
                 levels = [own] + levels
         out = []
         for level in levels:
-            once = self.generator_net is not None and level[0] == self.fixed_t[0] and not self.generator_net.residual
+            once = noise_model is not None and level[0] == noise_model.t and not noise_model.net.residual
             out += [level] * (1 if once else self.settings.n_seeds)
         return out
 
     @staticmethod
-    def noise_generator(seed: int) -> torch.Generator:
-        """The generator `infer` and `anodiff predict` both draw a map's noise from, for params `seed`."""
+    def noise_rng(seed: int) -> torch.Generator:
+        """The torch random-number generator `infer` and `anodiff predict` both draw a map's noise
+        from, for params `seed`."""
         return noise_generator(seed)
 
-    def make_noise(self, x: torch.Tensor, generator, t: int | None = None) -> torch.Tensor:
-        """The noise x is noised with at level t: the generator's at its own level, whatever the
+    def make_noise(self, x: torch.Tensor, rng, t: int | None = None) -> torch.Tensor:
+        """The noise x is noised with at level t: the noise model's at its own level, whatever the
         DDPM was trained on (it corrects Gaussian noise); the DDPM's training noise elsewhere. A
-        residual generator draws its Gaussian noise exactly as the DDPM's noise is drawn, so a
-        generator that adds no correction gives the `ddpm` method's maps bit for bit.
+        residual noise network draws its Gaussian noise exactly as the DDPM's noise is drawn, so
+        one that adds no correction gives the `ddpm` method's maps bit for bit.
 
-        `generator`: one torch.Generator for the batch, or a list of them, one per image (each
-        image's own stream: see `image_generators`)."""
-        own = self.generator_net is not None and (t is None or t == self.fixed_t[0])
-        if isinstance(generator, torch.Generator):
+        `rng`: one torch.Generator for the batch, or a list of them, one per image (each image's
+        own stream: see `image_generators`)."""
+        noise_model = self.noise_model
+        own = noise_model is not None and (t is None or t == noise_model.t)
+        if isinstance(rng, torch.Generator):
             if own:
-                return noise.for_batch(x, generator, net=self.generator_net)
-            return noise.for_batch(x, generator, kind=self.noise_kind, simplex_kw=self.noise_kw)
-        if own and not self.generator_net.residual:
-            return noise.for_batch(x, generator[0], net=self.generator_net)  # draws nothing
+                return noise.for_batch(x, rng, net=noise_model.net)
+            return noise.for_batch(x, rng, kind=self.noise_kind, simplex_kw=self.noise_kw)
+        if own and not noise_model.net.residual:
+            return noise.for_batch(x, rng[0], net=noise_model.net)  # draws nothing
         kind = "gaussian" if own else self.noise_kind
         eps = torch.cat([noise.for_batch(x[i:i + 1], g, kind=kind, simplex_kw=self.noise_kw)
-                         for i, g in enumerate(generator)])
-        return self.generator_net(x, eps) if own else eps
+                         for i, g in enumerate(rng)])
+        return noise_model.net(x, eps) if own else eps
 
     def levels(self) -> list[int]:
         """The distinct noise levels of the plan, in order: the T axis of raw maps."""
         return list(dict.fromkeys(t for t, _, _ in self.plan()))
 
     @torch.no_grad()
-    def raw_maps(self, images: torch.Tensor, generator: torch.Generator, progress: bool = True,
+    def raw_maps(self, images: torch.Tensor, rng: torch.Generator, progress: bool = True,
                  desc: str = "infer", only: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Smoothed, uncalibrated maps (N, T, H, W), one per noise level (each the mean over its
-        noise draws), and the first reconstruction (N, C, H, W). `only`: just these levels (T of
-        them, in plan order), as GAN model selection recomputes the generator's level alone."""
+        noise draws), and the first reconstruction (N, C, H, W). Each image's noise comes from its
+        own stream, seeded by one draw of `rng` and its pixels (`image_generators`). `only`: just
+        these levels (T of them, in plan order), as the GAN's model selection recomputes the noise
+        model's level alone."""
         self.model.eval()
         layout = torch.channels_last if config.accelerated(self.settings.channels_last, self.device) else None
         # the model in that layout for these maps only: it may be shared (train_gan_noise trains G through
@@ -153,13 +183,13 @@ class Detector:
         if layout is not None and before != layout:
             self.model.to(memory_format=layout)
         try:
-            return self._raw_maps(images, generator, progress, desc, only, layout)
+            return self._raw_maps(images, rng, progress, desc, only, layout)
         finally:
             if layout is not None and before != layout:
                 self.model.to(memory_format=before)
 
-    def _raw_maps(self, images, generator, progress, desc, only, layout):
-        amp = config.accelerated(self.settings.amp, self.device)
+    def _raw_maps(self, images, rng, progress, desc, only, layout):
+        amp = config.accelerated(self.settings.amp, self.device, precision=True)
         cuda = self.device.type == "cuda"
         half = autocast_dtype(self.device)
         maps, recons = [], []
@@ -169,10 +199,10 @@ class Detector:
         if only is not None:
             plan = [p for p in plan if p[0] in only]
             levels = [t for t in levels if t in only]
-        streams = image_generators(images, generator)
+        streams = image_generators(images, rng)
         for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress):
             x = images[start:start + bs].to(self.device, memory_format=layout or torch.preserve_format)
-            gens = streams[start:start + bs]
+            rngs = streams[start:start + bs]
             acc = torch.zeros(x.shape[0], len(levels), *x.shape[-2:], device=x.device)
             features = None
             if self.settings.error == "feature":
@@ -183,11 +213,11 @@ class Detector:
             first = None
             for (t, steps, guidance), k in self._runs(plan, together):
                 # the noises in the plan's order, one draw after another, batched or not
-                noises = torch.cat([self.make_noise(x, gens, t) for _ in range(k)])
+                noises = torch.cat([self.make_noise(x, rngs, t) for _ in range(k)])
                 with torch.autocast(self.device.type, dtype=half, enabled=amp):
                     x_hats = anomaly.reconstruct(self.model, self.schedule, x.repeat(k, 1, 1, 1), noises, t, steps,
                                                  guidance=guidance,
-                                                 ancestral=generator if self.full_chain else None).float()
+                                                 ancestral=rng if self.full_chain else None).float()
                 i = levels.index(t)
                 for x_hat in x_hats.split(x.shape[0]):
                     acc[:, i:i + 1] += anomaly.error_map(x, x_hat, self.settings.error, features)
@@ -213,7 +243,8 @@ class Detector:
     def calibrate(self, normal_raw: torch.Tensor, map_kind: str | None = None, score_kind: str | None = None) -> None:
         """Fit the map's and the image score's calibrations on normal val maps (M, T, H, W).
 
-        Kinds default to `settings.normalize`; `infer` passes the ones chosen on val (select.py)."""
+        Kinds default to `settings.normalize`; `infer` passes the ones chosen on val
+        (calibration_choice.py)."""
         map_kind = map_kind or self.settings.normalize
         score_kind = score_kind or map_kind
         self.map_cal = anomaly.Calibration.named(map_kind)

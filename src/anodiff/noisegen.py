@@ -16,9 +16,9 @@ from anodiff.unet import ResBlock, group_norm
 class NoiseGenerator(nn.Module):
     """Image (B, C, H, W) -> noise field (B, C, H, W).
 
-    residual=False (the report's G): the noise is `bound * tanh(f(x))`. residual=True: it is
-    `eps + bound * tanh(f(x))`, a bounded correction of the Gaussian noise eps passed in; the last
-    conv starts at zero, so training starts from the plain `ddpm` method exactly.
+    residual=False (the SemanticDiffGAN paper's G): the noise is `bound * tanh(f(x))`.
+    residual=True: it is `eps + bound * tanh(f(x))`, a bounded correction of the Gaussian noise eps
+    passed in; the last conv starts at zero, so training starts from the plain `ddpm` method exactly.
     """
 
     checkpoint_kind = "gan_generator"  # see checkpoint.py
@@ -66,25 +66,18 @@ class Critic(nn.Module):
     LeakyReLU convs with no batch norm (a gradient penalty needs per-sample scores) and no
     sigmoid; three stride-2 convs then a global mean, so any batch size (1 included) and any
     image size (divisible by 8 keeps the strides exact) work.
-
-    spectral_norm=True divides every layer's weight by its largest singular value (torch's
-    power-iteration parametrisation, Miyato et al. 2018). A linear layer is then 1-Lipschitz; a
-    conv's kernel is normalised as a (out, in*k*k) matrix, which bounds the conv's constant up to
-    a small factor. It caps the critic's slope by construction, a hard form of what the gradient
-    penalty asks for on average.
     """
 
-    def __init__(self, channels: int, base_channels: int = 32, spectral_norm: bool = False):
+    def __init__(self, channels: int, base_channels: int = 32):
         super().__init__()
         b = base_channels
-        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda layer: layer)
         self.net = nn.Sequential(
-            sn(nn.Conv2d(channels, b, 3, padding=1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(b, 2 * b, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(2 * b, 4 * b, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(4 * b, 8 * b, 4, stride=2, padding=1)), nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, b, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(b, 2 * b, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * b, 4 * b, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * b, 8 * b, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
         )
-        self.head = sn(nn.Linear(8 * b, 1))
+        self.head = nn.Linear(8 * b, 1)
 
     def forward(self, x):
         h = self.net(x).mean(dim=(2, 3))  # (B, 8b)

@@ -13,7 +13,8 @@ winner is then refitted on all normal val images.
   image AUROC where it has only labels.
 - The image score's calibration is judged by image AUROC, among the calibrations fitted on normal
   images (a score from a map standardised by its own image is not comparable across images).
-Ties go to the earlier candidate in `anomaly.CALIBRATIONS` order.
+Ties go to the earlier candidate in `anomaly.CALIBRATIONS` order. The GAN's model selection
+(`gan_selection`) judges a generator's val maps by this same choice.
 
 Normal-only data (no anomalous val image) leaves nothing to judge a candidate by: then `auto` takes
 `NORMAL_ONLY` (fused with the memory distance where infer has it), the calibration val chose most
@@ -41,7 +42,9 @@ def check_normal_count(n_normal: int, kinds) -> None:
             f"infer.normalize: image, which needs none)")
 
 
-def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+def halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, judge) positions among n normal val images: a candidate is fitted on the first and
+    judged on the second (with every anomalous val image)."""
     idx = np.arange(n)
     return idx[0::2], idx[1::2]
 
@@ -61,7 +64,7 @@ def choose(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.
         candidates = tuple(candidates) + tuple(n for k in candidates for n in anomaly.fused_names(k))
     normal_idx = np.flatnonzero(normal)
     check_normal_count(len(normal_idx), candidates)
-    fit_pos, judge_pos = _halves(len(normal_idx))
+    fit_pos, judge_pos = halves(len(normal_idx))
     fit_idx = normal_idx[fit_pos]
     judge = np.ones(len(raw), bool)
     judge[fit_idx] = False
@@ -121,54 +124,3 @@ def calibrate_on_val(det, raw: torch.Tensor, split: np.ndarray, anomalous: np.nd
     det.calibrate(raw[torch.from_numpy(val_normal)], choice["map"], choice["score"])
     return choice
 
-
-# ---------------------------------------------------------------- model selection (the GAN's)
-def val_figures(raw: torch.Tensor, normal: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
-                candidates=anomaly.CALIBRATIONS) -> dict:
-    """How good the maps `raw` (N, T, H, W) of the val images are, judged as `infer` would judge
-    them: the calibrations chosen by `choose`, and their val figures.
-
-    {"map_criterion", "image_auroc", "image_auroc_se", "pixel_auroc", "aupro", "map_calibration",
-    "score_calibration"} (pixel_auroc and aupro are None without masks; image_auroc and its
-    standard error None without both labels)."""
-    choice = choose(raw, normal, labels, masks, candidates)
-    table = choice["table"]
-    image = table[choice["score"]]["image_auroc"]
-    # choose() judges on the val images not fitted on: every anomalous one, half the normal ones
-    n_neg = int(normal.sum()) - len(_halves(int(normal.sum()))[0])
-    n_pos = int(np.asarray(labels).sum())
-    se = metrics.auroc_standard_error(image, n_pos, n_neg) if image is not None else None
-    return {"map_criterion": table[choice["map"]]["map_criterion"], "image_auroc": image, "image_auroc_se": se,
-            "pixel_auroc": table[choice["map"]].get("pixel_auroc"), "aupro": table[choice["map"]].get("aupro"),
-            "map_calibration": choice["map"], "score_calibration": choice["score"]}
-
-
-def pick_candidate(rows: list[dict]) -> int:
-    """Index of the candidate to keep among rows of val figures, rows[0] being the start.
-
-    A later candidate replaces the start only if it is at least as good on val in both the map
-    criterion and image AUROC (better maps bought with worse image scores, or the reverse, do
-    not count), and if the mean of the two beats the start's by more than one standard error of
-    that mean: half the start's image-AUROC standard error (`image_auroc_se`; a map criterion
-    averaged over every val pixel varies far less). A val split of a few dozen images cannot
-    resolve smaller gains, and keeping them would trade the start for noise. Among the
-    candidates that pass, the highest mean wins, the earliest of equals. For the residual GAN
-    the start is the plain `ddpm` method, so `gan` falls below `ddpm` only by what val fails to
-    predict about test. A missing figure counts as 0 (a missing standard error as 0 too).
-    """
-    if not rows:
-        raise ValueError("no candidates to pick from")
-
-    def fig(row, key):
-        value = row.get(key)
-        return 0.0 if value is None or value != value else float(value)  # None or NaN
-
-    start = rows[0]
-    mean = lambda row: (fig(row, "map_criterion") + fig(row, "image_auroc")) / 2  # noqa: E731
-    best, best_value = 0, mean(start) + fig(start, "image_auroc_se") / 2
-    for i, row in enumerate(rows[1:], 1):
-        if fig(row, "map_criterion") < fig(start, "map_criterion") or fig(row, "image_auroc") < fig(start, "image_auroc"):
-            continue
-        if mean(row) > best_value:
-            best, best_value = i, mean(row)
-    return best
