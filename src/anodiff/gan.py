@@ -256,9 +256,6 @@ def train_gan(net, critic, ddpm, schedule, anomalous, normal, *, rng: torch.Gene
                     crit.append(stats)
 
                 x_a = batch(anomalous, idx)
-                # a normal batch, unused since the MSE target no longer pairs with one: still drawn,
-                # so a seed gives the same draws (and weights) as before
-                batch(normal, _sample(n_n, b, rng))
                 critic.requires_grad_(False)  # the G step needs gradients through D, not for D
                 adv, mse = generator_terms(g_net, critic, ddpm, schedule, x_a, t, denoise_steps, rng, recompute, part)
                 loss_g = adv + mse_weight * mse
