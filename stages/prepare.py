@@ -1,5 +1,6 @@
-"""prepare: data.source (the embedded marble set or a folder) -> data/prepared/ (images, masks,
-manifest.csv) and plots/prepare_samples.png. Bad input fails before data/prepared changes.
+"""prepare: data.source (the embedded marble set or a folder) -> data/prepared/ and its sample grid.
+
+data/prepared/ holds the images, masks and manifest.csv; plots/prepare_samples.png the grid. Bad input fails before data/prepared changes.
 Photographs larger than data.image_size are also kept at patchcore.image_size (features/), for
 the pretrained features."""
 

@@ -1,5 +1,7 @@
-"""report: every method side by side -> metrics/summary.md (quality), metrics/timing/summary.md (speed),
-metrics/headline.json (three figures per method under short names, for `dvc exp show`).
+"""report: every method side by side, in metrics/summary.md, metrics/timing/summary.md and headline.json.
+
+metrics/summary.md holds the quality, metrics/timing/summary.md the speed, and
+metrics/headline.json three figures per method under short names, for `dvc exp show`.
 
 The quality figures come from metrics/<method>.json; the speed, from metrics/timing/<stage>.json.
 Two files, because the same params give the same quality bytes but never the same seconds: the

@@ -124,7 +124,7 @@ def test_gan_noise_of_a_residual_generator_corrects_gaussian_noise_from_the_gene
 
 
 @torch.no_grad()
-def test_gan_noise_of_the_reports_generator_draws_nothing():
+def test_gan_noise_of_the_papers_generator_draws_nothing():
     net, x = _generator_net(False), _batch()
     gen = _gen(4)
     before = gen.get_state()

@@ -1,4 +1,7 @@
-"""Anomaly maps: partially noise, denoise with a model that knows only normal images, compare.
+"""Anomaly maps and image scores: reconstruct, compare, smooth, calibrate, score.
+
+A map comes from partially noising an image, denoising it with a model that knows only normal
+images, and comparing.
 
 The map of an image is built in explicit steps, each a plain function:
   reconstruct (at one or more noise levels, optionally guided by the input) -> error_map (abs | sq)

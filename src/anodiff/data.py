@@ -1,5 +1,7 @@
-"""The prepared data set: a source (synthetic or a folder) -> `data/prepared` (images, masks,
-manifest.csv) in prepare(), and manifest rows, images and masks read back for later stages.
+"""The prepared data set: written by `prepare()`, read back (manifest rows, images, masks) by the rest.
+
+`prepare()` turns a source (synthetic or a folder) into `data/prepared` (images, masks,
+manifest.csv); the readers give the later stages its manifest rows, images and masks.
 
 Which file goes to which split is layouts.py's job; this module reads the files (through
 io.py), mixes in the contamination, adds augmented copies and writes the manifest.
@@ -33,7 +35,7 @@ COLUMNS = ["path", "split", "label", "defect", "mask", "ddpm_train", "augmented"
 MANIFEST = "manifest.csv"
 FEATURES_PATH = "features_path"  # the image at the extractor's size, where prepare kept one
 
-# the fewest normal val images the calibrations fit on (select.py checks it too, by name)
+# the fewest normal val images the calibrations fit on (calibration_choice.py checks it too, by name)
 MIN_NORMAL_VAL = 4
 
 # streams of the seeded numpy generator, one per purpose (layouts.py uses 101 for splits)

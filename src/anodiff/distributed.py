@@ -1,5 +1,6 @@
-"""Data-parallel training (the DDPM stages and the GAN's) under `torchrun`, with PyTorch's own
-DistributedDataParallel.
+"""Data-parallel training under `torchrun` (the DDPM stages and the GAN's), with PyTorch's DDP.
+
+The networks are wrapped in PyTorch's own DistributedDataParallel.
 
     ANODIFF_NPROC=2 dvc repro pretrain_ddpm        # the stage re-launches itself under torchrun
     torchrun --standalone --nproc_per_node=2 stages/pretrain_ddpm.py   # or by hand

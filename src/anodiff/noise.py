@@ -1,5 +1,6 @@
-"""Noise for the forward process: Gaussian, multi-octave simplex (AnoDDPM) or a GAN generator's,
-all made by `for_batch`.
+"""Every noise of the forward process, made by `for_batch`: Gaussian, simplex (AnoDDPM) or a GAN's.
+
+Gaussian noise, multi-octave simplex noise (AnoDDPM's), or the noise of a GAN's noise network.
 
 Noise is always drawn on the CPU from the caller's CPU `torch.Generator` and then moved to
 the device, so a seed gives the same noise on CPU and CUDA.
@@ -106,7 +107,8 @@ def for_batch(x: torch.Tensor, generator: torch.Generator, kind: str = "gaussian
     `kind` 'gaussian' or 'simplex' (`simplex_kw` are `simplex`'s keyword arguments), drawn from the
     CPU `generator`. With `net`, the GAN's NoiseGenerator, it is net's noise for x: a residual net
     corrects Gaussian noise drawn from `generator` (kind must then be 'gaussian', what it was
-    trained on); the report's net draws nothing. The caller chooses grad mode and net's mode.
+    trained on); the SemanticDiffGAN paper's net draws nothing. The caller chooses grad mode and
+    net's mode.
     """
     if kind not in ("gaussian", "simplex"):
         raise ValueError(f"unknown noise kind {kind!r}; expected 'gaussian' or 'simplex'")

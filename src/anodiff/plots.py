@@ -1,5 +1,8 @@
-"""Figures written to plots/: sample grids with mask outlines, anomaly-map overlays (the true
-defect outlined in red, the predicted region filled in cyan), image-score histograms."""
+"""The figures: sample grids, map overlays, image-score histograms, predict's per-image figure.
+
+Sample grids with mask outlines, anomaly-map overlays (the true defect outlined in red, the
+predicted region filled in cyan), image-score histograms (plots/), and `anodiff predict`'s figure
+of one image."""
 
 from __future__ import annotations
 
