@@ -10,9 +10,13 @@ In one run, on one machine, with params.yaml's defaults and ANODIFF_THREADS torc
   the peak resident memory of its largest process (the stages run one after another). Its outputs
   (the trained DDPM, the prepared images) are what the inference figures below use.
 - train_images_per_s: the real `train_ddpm` loop (first step excluded, as warm-up) on random
-  images; bare_train_images_per_s: a bare loop over the same network, batch and crops with
-  everything made beforehand (forward, MSE, backward, clip, Adam); train_vs_bare_ratio (close to
-  1: data handling, noise and the EMA are not the bottleneck).
+  images, with the params' precision (`train_amp`: bfloat16 autocast where `ddpm.amp` is on, as
+  `auto` is on a CPU with native bfloat16); bare_train_images_per_s: a bare loop over the same
+  network, batch and crops with everything made beforehand (forward, MSE, backward, clip, Adam),
+  always in float32: the yardstick of the units below, so that they do not move with a precision
+  setting; train_vs_bare_ratio (above 1: the real loop runs in bfloat16, faster than the yardstick).
+- repro_stage_seconds: each stage's own seconds in that `dvc repro` (metrics/timing/ of the clone;
+  process start, imports and DVC are not in them: `other` is the rest of repro_seconds).
 - simplex_cost_fraction: one batch of simplex noise of the training shape, as a fraction of one
   training step (goal <= 0.1).
 - infer_maps_per_s: the default inference (`Detector.raw_maps`, every level and noise draw) over
@@ -29,6 +33,7 @@ In one run, on one machine, with params.yaml's defaults and ANODIFF_THREADS torc
 - repro_units, bench_units: the seconds of the `dvc repro` and of this whole benchmark times
   bare_train_images_per_s of the same run (the training images the bare loop would have processed
   meanwhile): a cost that travels between machines, where seconds differ several-fold.
+  repro_stage_units: repro_stage_seconds in the same units, and `other`.
 
 Goals: repro_units <= 30,000, bench_units <= 70,000, peak_rss_mb <= 2048,
 infer_speedup_vs_full_chain >= 20 with |auroc_delta_vs_full_chain| <= 0.01,
@@ -59,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
 from anodiff import data, io, metrics  # noqa: E402
-from anodiff.config import load_params  # noqa: E402
+from anodiff.config import accelerated, load_params  # noqa: E402
 from anodiff.detector import Detector  # noqa: E402
 from anodiff.noise import for_batch, noise_kwargs  # noqa: E402
 from anodiff.schedule import Schedule  # noqa: E402
@@ -110,11 +115,13 @@ def repro(threads: int, keep: Path | None) -> tuple[dict, Path]:
     if done.returncode:
         raise SystemExit(f"error: dvc repro failed in {where}:\n{done.stderr[-2000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    stages = {f.stem: json.loads(f.read_text()).get("seconds") for f in sorted((where / "metrics/timing").glob("*.json"))}
     # ru_maxrss of the children is the largest waited-for descendant's (the stages, through dvc). It
     # also carries this process's own high-water mark into the child spawned from it (dvc): about
     # 0.6 GB of imports here, below any training stage's peak. A measurement before this one (none:
     # repro runs first) would hide a smaller peak
-    return {"repro_seconds": round(seconds, 1), "peak_rss_mb": _mb(max(peak, before))}, where
+    return {"repro_seconds": round(seconds, 1), "peak_rss_mb": _mb(max(peak, before)),
+            "repro_stage_seconds": {k: round(v, 1) for k, v in stages.items() if v is not None}}, where
 
 
 # ----------------------------------------------------------------------------- training
@@ -127,6 +134,7 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     images = torch.rand(batch * (steps + 1), channels, size, size, generator=gen) * 2 - 1
     schedule = Schedule.from_config(ddpm)
     kw = noise_kwargs(ddpm.noise, ddpm)
+    amp, nhwc = accelerated(ddpm.amp, device, precision=True), accelerated(ddpm.channels_last, device)
 
     def unet():
         torch.manual_seed(0)
@@ -153,7 +161,8 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     for _ in range(rounds):
         res = train_ddpm(unet(), schedule, images, loss="mse", noise=ddpm.noise, noise_kw=kw, generator=gen,
                          epochs=1, batch_size=batch, lr=ddpm.lr, grad_clip=ddpm.grad_clip, ema_decay=ddpm.ema_decay,
-                         train_crop=crop, device=device, stage_name="bench", progress=False)
+                         train_crop=crop, device=device, stage_name="bench", progress=False, amp=amp,
+                         channels_last=nhwc, lr_schedule=ddpm.lr_schedule)
         real_times += (batch / res.history.images_per_s.iloc[1:]).tolist()  # the first step is the warm-up
         bare_times += seconds_each(bare, steps)
     step_s, bare_s = statistics.median(real_times), statistics.median(bare_times)
@@ -162,7 +171,7 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     simplex_s = median_seconds(lambda: for_batch(shape, gen, kind="simplex", simplex_kw=simplex_kw), 5)
     return {"train_images_per_s": round(batch / step_s, 2), "bare_train_images_per_s": round(batch / bare_s, 2),
             "train_vs_bare_ratio": round(bare_s / step_s, 3), "train_step_seconds": round(step_s, 4),
-            "train_batch": batch, "train_crop": crop, "train_noise": ddpm.noise,
+            "train_batch": batch, "train_crop": crop, "train_noise": ddpm.noise, "train_amp": amp,
             "simplex_batch_seconds": round(simplex_s, 5), "simplex_cost_fraction": round(simplex_s / step_s, 4)}
 
 
@@ -225,6 +234,10 @@ def units(out: dict) -> dict:
     got = {"bench_units": round(out["bench_seconds"] * rate)}
     if out.get("repro_seconds") is not None:
         got["repro_units"] = round(out["repro_seconds"] * rate)
+    stages = out.get("repro_stage_seconds")
+    if stages:
+        other = out["repro_seconds"] - sum(stages.values())  # process starts, imports, the small stages, DVC
+        got["repro_stage_units"] = {**{k: round(v * rate) for k, v in stages.items()}, "other": round(other * rate)}
     return got
 
 

@@ -12,7 +12,7 @@ JSON), then run this.
   reconstruction alone) where it exists; the benchmark's goals (`TARGETS` in `bench/realphoto.py`).
 - docs/results/grid.md: `experiments/results/grid_<data>.md` as `experiments/grid.py report` wrote
   them, and the row count of `experiments/results/grid_<data>.json`.
-- docs/results/speed.md: `bench/bench.json` and `bench/bench_full.json` (repro_units and
+- docs/results/speed.md: `bench/bench.json` and `experiments/results/bench_before_bf16.json` (repro_units and
   bench_units computed as seconds x bare_train_images_per_s where a file lacks them; the goals are
   `GOALS` in `bench/bench.py`), and `metrics/timing/summary.md`.
 - docs/results/embedded.md: the embedded default run, `metrics/summary.md` and
@@ -303,7 +303,9 @@ SPEED_ROWS = (  # (key, label, format)
     ("auroc_delta_vs_full_chain", "pixel AUROC, default minus full chain", "{:+.4f}"),
     ("evaluate_peak_mb", "evaluate's peak on 500 maps at 256 px, MB", "{:,.0f}"),
 )
-SPEED_INFO = (("device", "device"), ("torch", "torch"), ("torch_threads", "torch threads"), ("cpu_count", "CPU cores"))
+# the current benchmark, then the same benchmark on the code before bfloat16 and the fused loops
+SPEED_FILES = (ROOT / "bench/bench.json", ROOT / "experiments/results/bench_before_bf16.json")
+SPEED_INFO = (("commit", "code at"), ("device", "device"), ("torch", "torch"), ("torch_threads", "torch threads"), ("cpu_count", "CPU cores"))
 
 
 def with_units(figures: dict) -> dict:
@@ -327,9 +329,39 @@ def _verdict(key: str, value, goals: dict) -> str:
     return " (met)" if (v <= goal if op == "<=" else v >= goal) else " (**missed**)"
 
 
+def stage_units(files: list[Path], runs: list[dict]) -> str:
+    """The repro's cost per stage, in units (`repro_stage_units`), one column per benchmark file."""
+    have = [(f, r) for f, r in zip(files, runs) if r.get("repro_stage_units")]
+    if not have:
+        return ""
+    stages = list(dict.fromkeys(k for _, r in have for k in r["repro_stage_units"]))
+    order = ["prepare", "pretrain_ddpm", "train_robust_ddpm", "train_gan_noise", "train_patchcore"]
+    rank = {k: (order.index(k) if k in order else len(order) + ("patchcore" in k), k) for k in stages}
+    stages = sorted((k for k in stages if k != "other"), key=rank.get) + ["other"]
+    lines = ["| stage | " + " | ".join(f"`{_rel(f)}`, units (s)" for f, _ in have) + " |",
+             "|---|" + "---|" * len(have)]
+    for k in stages + ["total"]:
+        cells = []
+        for _, r in have:
+            units, secs = r["repro_stage_units"], r.get("repro_stage_seconds", {})
+            if k == "total":
+                cells.append(f"**{r['repro_units']:,}** ({r['repro_seconds']:,.0f})")
+            elif k not in units:
+                cells.append("-")
+            else:
+                sec = secs.get(k, r["repro_seconds"] - sum(secs.values()) if k == "other" else None)
+                cells.append(f"{units[k]:,} ({sec:,.0f})")
+        label = {"other": "other: process starts, imports, prepare, the evaluates, report, DVC",
+                 "total": "the whole `dvc repro`"}.get(k, f"`{k}`")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ("\n## Where the repro's time goes\n\nEach stage's own seconds in the benchmark's `dvc repro` "
+            "(`repro_stage_seconds`, from its `metrics/timing/`) times the same run's bare-loop rate:\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def speed_md() -> tuple[str, list[Path]]:
     goals = _literal(ROOT / "bench/bench.py", "GOALS")
-    files = [p for p in (ROOT / "bench/bench_full.json", ROOT / "bench/bench.json") if p.exists()]
+    files = [p for p in SPEED_FILES if p.exists()]
     runs = [with_units(_json(p)) for p in files]
     sources = files + [ROOT / "bench/bench.py"]
     head = "| figure | " + " | ".join(f"`{_rel(p)}`" for p in files) + " | goal |"
@@ -354,7 +386,7 @@ def speed_md() -> tuple[str, list[Path]]:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {goal} |")
     text = ("`python bench/bench.py` ([what each figure measures, and why time goals are in units]"
             "(../performance.md)): units = seconds x `bare_train_images_per_s` of the same run. A file without "
-            "`dvc repro` (`--no-repro`) has no repro figures.\n\n" + "\n".join(lines) + "\n")
+            "`dvc repro` (`--no-repro`) has no repro figures.\n\n" + "\n".join(lines) + "\n" + stage_units(files, runs))
     timing = ROOT / "metrics/timing/summary.md"
     if timing.exists():
         sources.append(timing)

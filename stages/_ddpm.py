@@ -43,11 +43,12 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     else:
         where = device
     snaps = resume.for_stage(ROOT, stage, used, [PREPARED], where)
+    amp = accelerated(cfg.amp, device, precision=True)  # auto: on with CUDA or a CPU with native bfloat16
     result = train_ddpm(model, schedule, images, loss=loss, noise=cfg.noise, noise_kw=kw, generator=generator,
-                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip,
                         ema_decay=cfg.ema_decay, train_crop=cfg.train_crop, huber_delta=huber_delta,
                         lts_keep=lts_keep, device=device, stage_name=stage, snapshots=snaps, progress=rank == 0,
-                        amp=accelerated(cfg.amp, device), channels_last=accelerated(cfg.channels_last, device))
+                        amp=amp, channels_last=accelerated(cfg.channels_last, device))
     if rank != 0:
         return  # rank 0 alone writes the checkpoint, curves and metrics
     meta = {
@@ -55,7 +56,7 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
         "noise": cfg.noise, "noise_kw": kw,
         "schedule": {"timesteps": cfg.timesteps, "kind": cfg.schedule,
                      "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
-        "seed": params.seed, "ddpm": to_dict(cfg), "n_train": len(rows), "n_anomalous": n_anomalous,
+        "seed": params.seed, "ddpm": to_dict(cfg), "amp": amp, "n_train": len(rows), "n_anomalous": n_anomalous,
     }
     checkpoint.save_ddpm(ckpt_path, result.model, result.ema_model, result.optimizer, result.summary["steps"],
                          generator.get_state(), meta)
@@ -65,6 +66,6 @@ def train_stage(params, stage: str, loss: str, ckpt_path, huber_delta: float = 1
     # plots/<stage>/{loss,epoch}.tsv, one row per optimiser step; the summary to metrics/
     write_live(stage, {"": result.history[["step", "loss", "epoch"]]},
                {**summary, "n_train": len(rows), "n_anomalous": n_anomalous}, ROOT / f"metrics/{name}.json")
-    write_timing(stage, {**timing, "device": str(device)})
+    write_timing(stage, {**timing, "device": str(device), "amp": amp})
     snaps.done()
     print(f"{stage}: final loss {summary['final_loss']:.4f}, {timing['images_per_s']:.1f} images/s on {device}")

@@ -36,3 +36,13 @@ def test_verdicts_compare_each_figure_with_its_goal():
     assert out["infer_speedup_vs_full_chain"]["met"] is True
     assert out["abs_auroc_delta_vs_full_chain"]["met"] is False  # |-0.02| > 0.01
     assert "evaluate_peak_mb" not in out  # not measured: no verdict
+
+
+def test_stage_units_add_up_to_the_repro_units():
+    import bench
+
+    figures = {"repro_seconds": 100.0, "bench_seconds": 150.0, "bare_train_images_per_s": 90.0,
+               "repro_stage_seconds": {"pretrain_ddpm": 40.0, "infer_ddpm": 20.5}}
+    got = bench.units(figures)
+    assert got["repro_stage_units"] == {"pretrain_ddpm": 3600, "infer_ddpm": 1845, "other": 3555}
+    assert sum(got["repro_stage_units"].values()) == got["repro_units"] == 9000

@@ -476,22 +476,24 @@ def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _ddpm_run(snapshots=None, init=0, seed=0):
+def _ddpm_run(snapshots=None, init=0, seed=0, lr_schedule="constant"):
     torch.manual_seed(init)
     model = UNet(1, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[], image_size=8)
     images = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(5)) * 2 - 1
     return train_ddpm(model, Schedule(50), images, loss="mse", noise="gaussian",
                       generator=torch.Generator().manual_seed(seed), epochs=6, batch_size=4, lr=1e-3, grad_clip=1.0,
-                      ema_decay=0.9, train_crop=0, device="cpu", progress=False, snapshots=snapshots)
+                      ema_decay=0.9, train_crop=0, device="cpu", progress=False, snapshots=snapshots,
+                      lr_schedule=lr_schedule)
 
 
-def test_ddpm_resumes_to_the_uninterrupted_weights(tmp_path):
-    full = _ddpm_run()
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_ddpm_resumes_to_the_uninterrupted_weights(tmp_path, lr_schedule):
+    full = _ddpm_run(lr_schedule=lr_schedule)
     path = tmp_path / "pretrain_ddpm.pt"
     with pytest.raises(Stopped):
-        _ddpm_run(StopAfter(path, 2))
+        _ddpm_run(StopAfter(path, 2), lr_schedule=lr_schedule)
     assert path.exists()
-    resumed = _ddpm_run(resume.Snapshots(path, key="k", every=0), init=1, seed=1)
+    resumed = _ddpm_run(resume.Snapshots(path, key="k", every=0), init=1, seed=1, lr_schedule=lr_schedule)
     assert _same_state(resumed.model.state_dict(), full.model.state_dict())
     assert _same_state(resumed.ema_model.state_dict(), full.ema_model.state_dict())
     assert resumed.history[["step", "epoch", "loss"]].equals(full.history[["step", "epoch", "loss"]])

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -129,6 +131,36 @@ def test_ema_differs_from_raw_weights_and_is_frozen():
     assert any(not torch.equal(e, m) for e, m in zip(res.ema_model.parameters(), res.model.parameters()))
 
 
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_run():
+    const = _train(cfg=_cfg(epochs=3, batch_size=4))
+    cos = _train(cfg=_cfg(epochs=3, batch_size=4), lr_schedule="cosine")
+    steps = cos.summary["steps"]
+    assert const.optimizer.param_groups[0]["lr"] == _cfg()["lr"]
+    assert cos.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) and steps > 2
+    assert cos.history.loss.iloc[0] == const.history.loss.iloc[0]  # the first step is at the full rate
+    assert not cos.history.loss.equals(const.history.loss)
+    with pytest.raises(ValueError, match="lr_schedule 'linear'"):
+        _train(cfg=_cfg(epochs=1), lr_schedule="linear")
+
+
+def test_ema_update_is_the_average_element_by_element():
+    from anodiff.train import EMA
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    ema = EMA(net, 0.9)
+    expected = [p.detach().clone() for p in ema.model.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        d = min(0.9, (1 + ema.updates) / (10 + ema.updates))
+        expected = [e.lerp(p.detach(), 1 - d) for e, p in zip(expected, net.parameters())]
+    for got, want in zip(ema.model.parameters(), expected):
+        assert torch.equal(got, want)  # bit for bit: the fused update is the same arithmetic
+
+
 def test_nan_guard_names_stage_step_and_last_finite_loss():
     class NanAtStep2(nn.Module):
         def __init__(self):
@@ -177,8 +209,23 @@ def test_mixed_precision_and_channels_last_train_the_same_network_closely():
     assert nhwc.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_accelerated_params_are_on_with_cuda_only_when_auto():
+def test_accelerated_params_auto_is_cuda_or_a_cpu_with_native_bfloat16(monkeypatch):
+    from anodiff import runtime
     from anodiff.config import accelerated
 
     assert accelerated("auto", torch.device("cuda")) and not accelerated("auto", torch.device("cpu"))
     assert accelerated(True, "cpu") and not accelerated(False, "cuda")
+    for native in (True, False):  # mixed precision: auto follows the CPU's bfloat16 support; a layout never does
+        monkeypatch.setattr(runtime, "native_bf16", lambda native=native: native)
+        assert accelerated("auto", "cpu", precision=True) is native
+        assert accelerated("auto", "cpu") is False
+        assert accelerated(False, "cpu", precision=True) is False and accelerated("auto", "cuda", precision=True)
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    from anodiff.runtime import native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert native_bf16() == any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_tile"))

@@ -189,7 +189,7 @@ class Detector:
                 self.model.to(memory_format=before)
 
     def _raw_maps(self, images, rng, progress, desc, only, layout):
-        amp = config.accelerated(self.settings.amp, self.device)
+        amp = config.accelerated(self.settings.amp, self.device, precision=True)
         cuda = self.device.type == "cuda"
         half = autocast_dtype(self.device)
         maps, recons = [], []
