@@ -1,7 +1,8 @@
 """The experiment driver that sweeps anomaly-map settings for one trained checkpoint: choose on val, test report-only.
 
     python experiments/sweep_infer.py --method ddpm --out experiments/results/sweep_ddpm.json \
-        --grid '{"t_starts": [[30], [30, 100]], "normalize": ["auto", "image", "texture2"]}'
+        --grid '{"t_start": [30, [30, 100]], "steps": [1], "guidance": [0],
+                 "normalize": ["auto", "image", "texture2"]}'
 
 Each setting overrides params.yaml's `infer` section and is run the way `infer` runs it:
 calibration statistics from the val split's normal images (`normalize: auto` also chooses the

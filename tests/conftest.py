@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def repo_params(**sections):
     """The repository's params.yaml (the one source of every default), with some keys changed:
-    repo_params(infer={"t_start": 5}) -> validated Params."""
+    repo_params(infer={"n_seeds": 2}) -> validated Params."""
     import yaml
 
     from anodiff.config import parse_params
@@ -47,8 +47,9 @@ def _merge(base: dict, over: dict) -> None:
 
 
 def infer_settings(**over):
-    """infer.* from params.yaml with `over` changed (single-level plans by default: t_starts [])."""
-    return repo_params(infer={"t_starts": [], "level_steps": [], "guidance": [], **over}).infer
+    """infer.* from params.yaml with `over` changed (a single unguided level by default: t_start
+    30, one step)."""
+    return repo_params(infer={"t_start": 30, "steps": 1, "guidance": 0, **over}).infer
 
 
 @pytest.fixture(scope="session")

@@ -229,7 +229,7 @@ def test_detector_same_seed_same_maps():
 def test_detector_batches_a_levels_draws_into_one_reconstruction_with_the_same_maps():
     """batch_draws (the default on CUDA): a level's noise draws, drawn in the same order, go through
     the DDPM as one batch; the maps are the one-by-one maps up to the batched convolutions' rounding."""
-    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=3, batch_size=2,
+    settings = infer_settings(t_start=(3, 6), steps=(1, 2), guidance=(0.0, 2.0), n_seeds=3, batch_size=2,
                               channels_last=False)  # the stand-in model below has no .to()
     det = _detector(settings=settings)
     x = _images(n=3)
@@ -271,9 +271,9 @@ def test_detector_in_channels_last_draws_the_same_maps_and_gives_the_model_back_
 
 def test_detector_plan():
     assert _detector().plan() == [(5, 1, 0.0), (5, 1, 0.0)]
-    multi = infer_settings(t_start=5, steps=2, t_starts=(3, 6), n_seeds=2)
+    multi = infer_settings(t_start=(3, 6), steps=2, n_seeds=2)  # one number of steps for every level
     assert _detector(settings=multi).plan() == [(3, 2, 0.0), (3, 2, 0.0), (6, 2, 0.0), (6, 2, 0.0)]
-    per_level = infer_settings(t_starts=(3, 6), level_steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
+    per_level = infer_settings(t_start=(3, 6), steps=(1, 3), guidance=(0.0, 4.0), n_seeds=1)
     assert _detector(settings=per_level).plan() == [(3, 1, 0.0), (6, 3, 4.0)]
     # a GAN's noise model: the ddpm plan, with its own level (its steps, unguided) in place of the
     # level at its t, or added first when the plan has none at that t
@@ -296,7 +296,7 @@ def test_gan_without_correction_gives_the_ddpm_maps_bit_for_bit():
     so its maps are the same bytes: model selection can always fall back on ddpm."""
     from anodiff.noisegen import NoiseGenerator
 
-    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=2)
+    settings = infer_settings(t_start=(3, 6), steps=(1, 2), guidance=(0.0, 2.0), n_seeds=2)
     x = _images(n=3)
     plain = _detector(settings=settings)
     a, ra = plain.raw_maps(x, torch.Generator().manual_seed(5), progress=False)

@@ -7,7 +7,7 @@ import pydantic
 import pytest
 import yaml
 
-from anodiff.config import Infer, load_params, parse_params, read_yaml, to_dict
+from anodiff.config import Infer, infer_settings_from_meta, load_params, parse_params, read_yaml, to_dict
 from anodiff.errors import ConfigError
 from conftest import _merge
 
@@ -113,18 +113,85 @@ def test_cross_field_checks_name_both_keys():
         parse({"data": {"image_size": 30}})
 
 
-def test_per_level_lists_must_match_the_noise_levels():
-    ok = parse({"infer": {"t_starts": [30, 200], "level_steps": [1, 5], "guidance": [0, 10]}})
-    assert ok.infer.level_steps == (1, 5) and ok.infer.guidance == (0.0, 10.0)
-    with pytest.raises(ConfigError, match=r"infer\.guidance: \[10\.0\] must have one entry per noise level "
-                                          r"\(infer\.t_starts has 2\)"):
-        parse({"infer": {"t_starts": [30, 200], "guidance": [10]}})
-    with pytest.raises(ConfigError, match=r"infer\.level_steps: \[1, 5\] must have one entry per noise level"):
-        parse({"infer": {"t_starts": [], "t_start": 30, "level_steps": [1, 5]}})
-    with pytest.raises(ConfigError, match=r"infer\.guidance\[0\]: -1 is out of range; allowed: a number in \[0, inf\]"):
-        parse({"infer": {"t_starts": [30], "guidance": [-1]}})
-    with pytest.raises(ConfigError, match=r"infer steps 40 at noise level 30 must be at most t \+ 1 = 31"):
-        parse({"infer": {"t_starts": [30], "level_steps": [40], "guidance": []}})
+def test_the_level_plan_takes_one_value_or_a_list_per_level():
+    """infer.t_start, infer.steps and infer.guidance: one value (for every level) or a list (one per
+    level); the default is the plan of two levels the maps were always drawn with."""
+    assert load_params(ROOT / "params.yaml").infer.plan() == [(30, 1, 0.0), (200, 5, 10.0)]
+    one = parse({"infer": {"t_start": 50, "steps": 3, "guidance": 2}}).infer
+    assert one.plan() == [(50, 3, 2.0)] and one.levels() == (50,)
+    assert parse({"infer": {"t_start": [30, 100, 200], "steps": 2, "guidance": [0, 0, 10]}}).infer.plan() == \
+        [(30, 2, 0.0), (100, 2, 0.0), (200, 2, 10.0)]
+    assert parse({"infer": {"t_start": 30, "steps": [4], "guidance": 0}}).infer.plan() == [(30, 4, 0.0)]
+    # the form is kept: meta.json holds the settings as written
+    assert to_dict(one)["t_start"] == 50 and to_dict(one)["guidance"] == 2.0
+    assert to_dict(parse({}).infer)["t_start"] == [30, 200]
+
+
+def test_a_list_of_another_length_than_the_levels_names_both_keys_and_the_fix():
+    # `dvc exp run -S infer.t_start=50` while steps and guidance are lists of two
+    message = ("params.yaml: infer.steps: [1, 5] has 2 entries but infer.t_start has 1 noise level (50): give one "
+               "value for every level, or one per level, e.g. -S infer.steps=1 -S infer.guidance=0")
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        parse({"infer": {"t_start": 50}})
+    message = ("params.yaml: infer.guidance: [10] has 1 entry but infer.t_start has 3 noise levels (30, 100, 200): "
+               "give one value for every level, or one per level, e.g. -S infer.guidance=10")
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        parse({"infer": {"t_start": [30, 100, 200], "steps": 1, "guidance": [10]}})
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"t_start": [30, 300]}, "infer.t_start[1]: 300 must be below ddpm.timesteps (300)"),
+    ({"t_start": 300, "steps": 1, "guidance": 0}, "infer.t_start: 300 must be below ddpm.timesteps (300)"),
+    ({"t_start": [30, 0]}, "infer.t_start[1]: 0 is out of range; allowed: a number in [1, inf]"),
+    ({"t_start": 0}, "infer.t_start: 0 is out of range; allowed: a number in [1, inf]"),
+    ({"t_start": []}, "infer.t_start: [] must be a list of at least 1 entry"),
+    ({"t_start": "30"}, "infer.t_start: '30' is not an integer or a list of them"),
+    ({"t_start": True}, "infer.t_start: True is not an integer or a list of them"),
+    ({"steps": [1, 2.5]}, "infer.steps[1]: 2.5 is not an integer"),
+    ({"guidance": -1}, "infer.guidance: -1 is out of range; allowed: a number in [0, inf]"),
+    ({"guidance": [0, -1]}, "infer.guidance[1]: -1 is out of range; allowed: a number in [0, inf]"),
+    ({"steps": [1, 202]}, "infer.steps: 202 at noise level 200 (infer.t_start) must be at most t + 1 = 201"),
+    ({"t_start": 30, "steps": 40, "guidance": 0}, "infer.steps: 40 at noise level 30 (infer.t_start) "
+                                                  "must be at most t + 1 = 31"),
+])
+def test_level_plan_errors_name_the_key(over, message):
+    with pytest.raises(ConfigError, match=re.escape(f"params.yaml: {message}")):
+        parse({"infer": over})
+
+
+@pytest.mark.parametrize("key, message", [
+    ("t_starts", "params.yaml: infer.t_starts: folded into infer.t_start, which now takes a list of noise levels"),
+    ("level_steps", "params.yaml: infer.level_steps: folded into infer.steps, which now takes a list, one entry "
+                    "per noise level of infer.t_start"),
+])
+def test_removed_level_keys_say_what_replaced_them(tmp_path, key, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse({"infer": {key: [30, 200]}})  # `dvc exp run -S infer.t_starts=...` adds the old key
+    # a params file from before the fold, as it was
+    raw = _raw()
+    raw["infer"].update(t_start=30, steps=1, t_starts=[30, 200], level_steps=[1, 5])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"params\.yaml: infer\.t_starts: folded into infer\.t_start"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("old, plan", [
+    ({"t_start": 30, "steps": 1, "t_starts": [30, 200], "level_steps": [1, 5], "guidance": [0.0, 10.0]},
+     [(30, 1, 0.0), (200, 5, 10.0)]),                                        # the default until the fold
+    ({"t_start": 5, "steps": 2, "t_starts": [], "level_steps": [], "guidance": []}, [(5, 2, 0.0)]),
+    ({"t_start": 5, "steps": 2, "t_starts": [3, 6], "level_steps": [], "guidance": []}, [(3, 2, 0.0), (6, 2, 0.0)]),
+    ({"t_start": 5, "steps": 1, "t_starts": [], "level_steps": [3], "guidance": [4.0]}, [(5, 3, 4.0)]),
+])
+def test_an_older_meta_json_s_settings_give_the_same_plan(old, plan):
+    """`anodiff predict` reads infer's settings from data/maps/<method>/meta.json: one written
+    before t_starts and level_steps were folded into t_start and steps still loads."""
+    stored = {**to_dict(parse({}).infer), **old}
+    settings = Infer.model_validate(infer_settings_from_meta(stored))
+    assert settings.plan() == plan
+    assert not {"t_starts", "level_steps"} & to_dict(settings).keys()
+    today = to_dict(parse({}).infer)
+    assert infer_settings_from_meta(today) is today and infer_settings_from_meta(None) is None
 
 
 def test_load_params_file_errors(tmp_path):

@@ -63,7 +63,7 @@ def _val_images():
 
 
 def _gan_detector(net, normalize="pixel"):
-    settings = infer_settings(t_starts=(3, 6), level_steps=(1, 2), guidance=(0.0, 2.0), n_seeds=2,
+    settings = infer_settings(t_start=(3, 6), steps=(1, 2), guidance=(0.0, 2.0), n_seeds=2,
                               normalize=normalize, batch_size=3)
     det = _detector(settings=settings)
     det.noise_model = NoiseModel(net, 3, 1)

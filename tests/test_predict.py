@@ -247,6 +247,19 @@ def test_damaged_maps_folder(art, capsys, what):
     _bad(art, capsys, _argv(art, art["single"]), _damage(art["maps"], what))
 
 
+def test_a_meta_json_from_before_the_level_plan_fold_still_predicts_the_same(art):
+    """meta.json written when the level plan was infer.t_starts / level_steps (t_start, steps and
+    guidance then held the single level): predict converts the keys and draws the same maps."""
+    assert cli.main(_argv(art, art["single"])) == 0
+    today = (art["out"] / "predictions.csv").read_bytes()
+    meta = io.read_json(art["maps"] / "meta.json")
+    meta["settings"].update(t_start=30, steps=1, t_starts=[meta["settings"]["t_start"]],
+                            level_steps=[meta["settings"]["steps"]], guidance=[])
+    io.write_json(art["maps"] / "meta.json", meta)
+    assert cli.main(_argv(art, art["single"], out=art["project"] / "old")) == 0
+    assert (art["project"] / "old" / "predictions.csv").read_bytes() == today
+
+
 def test_corrupt_metrics_json(art, capsys):
     art["metrics"].write_text('{"thresholds": ')
     _bad(art, capsys, _argv(art, art["single"]), art["metrics"])

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from anodiff import features, io, patchcore, plots
-from anodiff.config import Infer
+from anodiff.config import Infer, infer_settings_from_meta
 from anodiff.detector import Detector
 from anodiff.runtime import pick_device
 from anodiff.features import FeatureExtractor
@@ -204,7 +204,7 @@ def load_detector(args):
     meta, meta_path, npz_path = _read_meta(args)
     stored = meta.get("settings") if isinstance(meta, dict) else None
     try:
-        settings = Infer.model_validate(stored)
+        settings = Infer.model_validate(infer_settings_from_meta(stored))  # an older meta.json's keys too
     except ValueError as exc:  # pydantic's ValidationError
         raise CheckpointError(f"{meta_path}: no valid 'settings' (expected the keys {sorted(Infer.model_fields)}: "
                               f"{str(exc).splitlines()[1] if stored else 'none stored'}); "

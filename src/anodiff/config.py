@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 from pydantic_core import PydanticCustomError
 
 from anodiff.errors import ConfigError
@@ -150,12 +150,21 @@ class GAN(Section):
     residual: bool
 
 
+#: PerLevel's two forms, named in pydantic's error locations (never a key: they hold spaces)
+_ONE, _MANY = "one value", "a list"
+
+
+def PerLevel(item):
+    """`item` (the value at every noise level) or a non-empty list of them (one per level, held
+    as a tuple); the form is kept, so the settings read back as written."""
+    return Annotated[Annotated[item, Tag(_ONE)] | Annotated[List(item, min_length=1), Tag(_MANY)],
+                     Discriminator(lambda v: _MANY if isinstance(v, (list, tuple)) else _ONE)]
+
+
 class Infer(Section):
-    t_start: Num(int, 1)
-    steps: Num(int, 1)
-    t_starts: List(Num(int, 1))
-    level_steps: List(Num(int, 1))
-    guidance: List(Num(float, 0))
+    t_start: PerLevel(Num(int, 1))  # the noise level, or several: one raw map each
+    steps: PerLevel(Num(int, 1))  # DDIM steps at every level, or one entry per level
+    guidance: PerLevel(Num(float, 0))  # DDAD's weight at every level, or one entry per level
     n_seeds: Num(int, 1)
     error: Literal["abs", "sq", "feature"]
     adapt_steps: Num(int, 0)
@@ -169,13 +178,78 @@ class Infer(Section):
     amp: Accel
     channels_last: Accel
 
+    def levels(self) -> tuple[int, ...]:
+        """The noise levels of t_start, in order."""
+        return self.t_start if isinstance(self.t_start, tuple) else (self.t_start,)
+
     def plan(self) -> list[tuple[int, int, float]]:
-        """(t_start, steps, guidance) per noise level: t_starts with their level_steps and
-        guidance, or the single level t_start with steps, unguided."""
-        ts = self.t_starts or (self.t_start,)
-        steps = self.level_steps or (self.steps,) * len(ts)
-        guidance = self.guidance or (0.0,) * len(ts)
-        return list(zip(ts, steps, guidance, strict=True))
+        """(t_start, steps, guidance) per noise level: each level of t_start with its entry of
+        steps and guidance, or their one value where they give one for every level."""
+        if mismatch := _level_mismatch(self):
+            raise ValueError(mismatch)
+        ts = self.levels()
+        per_level = [v if isinstance(v, tuple) else (v,) * len(ts) for v in (self.steps, self.guidance)]
+        return [(t, k, float(w)) for t, k, w in zip(ts, *per_level, strict=True)]
+
+
+#: infer keys that are gone: what replaced them (an old params file or `-S` is told, not just refused)
+REMOVED_KEYS = {
+    "infer.t_starts": "folded into infer.t_start, which now takes a list of noise levels "
+                      "(e.g. -S 'infer.t_start=[30,200]')",
+    "infer.level_steps": "folded into infer.steps, which now takes a list, one entry per noise level "
+                         "of infer.t_start (e.g. -S 'infer.steps=[1,5]')",
+}
+
+
+def _removed_key(raw: dict) -> str | None:
+    """The first key of REMOVED_KEYS that the raw params still set, with what replaced it."""
+    for dotted, instead in REMOVED_KEYS.items():
+        *sections, key = dotted.split(".")
+        node = raw
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            return f"params.yaml: {dotted}: {instead}"
+    return None
+
+
+def _fmt(value) -> str:
+    """A per-level value as a user writes it: 0 and 10 for guidance, not 0.0 and 10.0."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_fmt, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _level_mismatch(infer: Infer) -> str | None:
+    """The message for a list of steps or guidance of another length than infer.t_start's."""
+    ts = infer.levels()
+    wrong = [(key, getattr(infer, key)) for key in ("steps", "guidance")
+             if isinstance(getattr(infer, key), tuple) and len(getattr(infer, key)) != len(ts)]
+    if not wrong:
+        return None
+    key, value = wrong[0]
+    n, s = len(value), "" if len(ts) == 1 else "s"
+    fix = " ".join(f"-S infer.{k}={_fmt(v[0])}" for k, v in wrong)
+    return (f"params.yaml: infer.{key}: {_fmt(value)} has {n} entr{'y' if n == 1 else 'ies'} but infer.t_start "
+            f"has {len(ts)} noise level{s} ({', '.join(map(str, ts))}): give one value for every level, "
+            f"or one per level, e.g. {fix}")
+
+
+def infer_settings_from_meta(stored):
+    """infer's settings as a meta.json holds them, in today's keys: a meta.json written before
+    t_starts and level_steps were folded into t_start and steps is converted to the same plan.
+    Anything else is returned as it is (Infer.model_validate judges it)."""
+    if not isinstance(stored, dict) or not {"t_starts", "level_steps"} & stored.keys():
+        return stored
+    new = {k: v for k, v in stored.items() if k not in ("t_starts", "level_steps")}
+    t_starts, level_steps = stored.get("t_starts") or [], stored.get("level_steps") or []
+    if t_starts:
+        new["t_start"] = list(t_starts)
+    if level_steps:
+        new["steps"] = list(level_steps)
+    if not stored.get("guidance"):  # [] was unguided
+        new["guidance"] = 0.0
+    return new
 
 
 class PatchCore(Section):
@@ -206,22 +280,17 @@ class Params(Section):
 def _cross_checks(p: Params) -> None:
     """Checks that involve two keys: the message names both."""
     T = p.ddpm.timesteps
-    for key, value in [("infer.t_start", p.infer.t_start), ("gan.t", p.gan.t)]:
+    levels = [(f"infer.t_start[{i}]" if isinstance(p.infer.t_start, tuple) else "infer.t_start", t)
+              for i, t in enumerate(p.infer.levels())]
+    for key, value in [*levels, ("gan.t", p.gan.t)]:
         if value >= T:
             raise ConfigError(f"params.yaml: {key}: {value} must be below ddpm.timesteps ({T})")
-    for v in p.infer.t_starts:
-        if not v < T:
-            raise ConfigError(f"params.yaml: infer.t_starts: {v} must be in [1, ddpm.timesteps={T})")
-    levels = p.infer.t_starts or (p.infer.t_start,)
-    where = "infer.t_starts" if p.infer.t_starts else "[infer.t_start]"
-    for key in ("level_steps", "guidance"):
-        value = getattr(p.infer, key)
-        if value and len(value) != len(levels):
-            raise ConfigError(f"params.yaml: infer.{key}: {list(value)} must have one entry per noise level "
-                              f"({where} has {len(levels)}), or be []")
+    if mismatch := _level_mismatch(p.infer):
+        raise ConfigError(mismatch)
     for t, k, _ in p.infer.plan():
         if k > t + 1:
-            raise ConfigError(f"params.yaml: infer steps {k} at noise level {t} must be at most t + 1 = {t + 1}")
+            raise ConfigError(f"params.yaml: infer.steps: {k} at noise level {t} (infer.t_start) "
+                              f"must be at most t + 1 = {t + 1}")
     if p.patchcore.image_size % 16:
         raise ConfigError(f"params.yaml: patchcore.image_size: {p.patchcore.image_size} must be a multiple of 16 "
                           "(the feature extractor's stride-16 endpoint)")
@@ -248,6 +317,8 @@ def _field_at(loc) -> tuple[type | None, object]:
     for part in loc:
         if isinstance(part, int):  # an item of a list
             tp = typing.get_args(_strip(tp))[0]
+        elif part in (_ONE, _MANY):  # a PerLevel's form: the list, or the whole (a value or a list)
+            tp = typing.get_args(_strip(tp))[1] if part == _MANY else tp
         elif isinstance(_strip(tp), type) and issubclass(_strip(tp), BaseModel):
             model = _strip(tp)
             if part not in model.model_fields:
@@ -266,6 +337,9 @@ def _strip(tp):
 def _describe(tp, with_range: bool = False) -> str:
     """"one of 'a', 'b'", 'a list', 'an integer', or with_range 'a number in [0, 1)'."""
     base = _strip(tp)
+    if typing.get_origin(base) is typing.Union:  # PerLevel: one value or a list of them
+        one = _describe(typing.get_args(base)[0], with_range)
+        return one if with_range else f"{one} or a list of them"
     if typing.get_origin(base) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(base))
     if typing.get_origin(base) is tuple:
@@ -286,7 +360,8 @@ def _describe(tp, with_range: bool = False) -> str:
 
 def _message(err: dict, raw: dict) -> str:
     loc = [p for p in err["loc"]]
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "top level"
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc
+                  if p not in (_ONE, _MANY)).lstrip(".") or "top level"
     kind = err["type"]
     model, tp = _field_at(loc)
     if kind == "extra_forbidden":
@@ -319,6 +394,8 @@ def parse_params(raw: dict) -> Params:
     """Typed params from an already-loaded mapping; every key must be present."""
     if not isinstance(raw, dict):
         raise ConfigError(f"params.yaml: top level: expected a mapping, got {raw!r}")
+    if removed := _removed_key(raw):
+        raise ConfigError(removed)
     try:
         p = Params.model_validate(raw)
     except ValidationError as exc:
