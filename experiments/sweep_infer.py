@@ -6,7 +6,7 @@
 
 Each setting overrides params.yaml's `infer` section and is run the way `infer` runs it:
 calibration statistics from the val split's normal images (`normalize: auto` also chooses the
-calibration on val, see src/anodiff/select.py). The table is sorted by the val figures, which
+calibration on val, see src/anodiff/calibration_choice.py). The table is sorted by the val figures, which
 are the only ones to choose by; the test columns are printed last, marked report-only, so that
 nobody tunes on them. Written to help tune the defaults; the pipeline itself does not run it.
 """
@@ -21,23 +21,22 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's anodiff, not whichever is installed
 
-from anodiff import data, io, metrics, select  # noqa: E402
+from anodiff import calibration_choice, data, io, metrics  # noqa: E402
 from anodiff.config import load_params, parse_params, to_dict  # noqa: E402
 from anodiff.detector import Detector  # noqa: E402
 
 
 def run(det, images, rows, masks, seed):
     started = time.perf_counter()
-    raw, _ = det.raw_maps(images, torch.Generator().manual_seed(seed), progress=False)
+    raw, _ = det.raw_maps(images, Detector.noise_rng(seed), progress=False)  # the noise infer draws
     seconds = time.perf_counter() - started
     labels = (rows["label"] == "anomalous").to_numpy().astype(int)
-    kinds = select.calibrate_on_val(det, raw, rows["split"].to_numpy(), labels == 1, masks)
+    kinds = calibration_choice.calibrate_on_val(det, raw, rows["split"].to_numpy(), labels == 1, masks)
     final, scores = det.finish(raw)
     final, scores = final[:, 0].numpy(), scores.numpy()
     out = {"map_calibration": kinds["map"], "score_calibration": kinds["score"],
@@ -75,7 +74,7 @@ def main() -> None:
     for values in itertools.product(*grid.values()):
         change = dict(zip(grid.keys(), values))
         settings = parse_params({**to_dict(params), "infer": {**to_dict(params.infer), **change}}).infer
-        det = Detector.load(ddpm, settings, generator_path=gen)
+        det = Detector.load(ddpm, settings, noise_model_path=gen)
         res = {"settings": change,
                **run(det, images, rows, masks, params.seed)}
         results.append(res)

@@ -2,7 +2,7 @@
 
 For each image: noise it to t_start with the method's noise (the DDPM's training noise, or the
 GAN generator's learned noise), denoise back in a few deterministic DDIM steps with the frozen
-DDPM, and compare, at each noise level of `infer.t_starts`. Normal val images calibrate the maps
+DDPM, and compare, at each noise level of `infer.t_start`. Normal val images calibrate the maps
 and image scores (`infer.normalize`; `auto` chooses the calibration on val, see calibration_choice.py).
 Writes data/maps/<method>/: maps.npz (maps, reconstructions, statistics), scores.csv,
 meta.json (the settings, so `anodiff predict` reproduces these maps exactly); the calibration
@@ -30,7 +30,7 @@ import torch
 
 from _common import ROOT, run_stage, write_timing
 from anodiff import anomaly, calibration_choice, checkpoint, data, features, io, patchcore
-from anodiff.config import to_dict
+from anodiff.config import accelerated, to_dict
 from anodiff.detector import Detector
 from anodiff.errors import CheckpointError
 from anodiff.features import FeatureExtractor
@@ -95,7 +95,7 @@ def shared_levels(det: Detector, params, model: str, share_dir, rows) -> tuple[t
         return no("the generator's noise is not residual on Gaussian draws")
     if levels[0] != own or len(levels) < 2 or meta.get("levels") != levels:
         return no(f"levels {levels} (generator at t={own}) against {meta.get('levels')}")
-    settings = json.loads(json.dumps(to_dict(params.infer)))  # as meta.json holds them (lists, not tuples)
+    settings = json.loads(json.dumps(to_dict(det.settings)))  # as meta.json holds them (lists, not tuples)
     if (meta.get("model"), meta.get("seed"), meta.get("settings")) != (model, params.seed, settings):
         return no(f"{share_dir} was made with another model, seed or infer settings")
     table = io.read_artefact(ROOT / share_dir / "scores.csv", io.read_csv)
@@ -183,7 +183,9 @@ def main(params, method: str, model: str, noise_from: str, memory: str | None = 
     (the DDPM's own training noise) or a GAN generator. dvc.yaml passes both, per method.
     `memory`: infer@patchcore's maps folder; val may then fuse the memory distance into the map."""
     device = pick_device()
-    settings = params.infer
+    # `auto` precision resolved here, and recorded so in meta.json: `anodiff predict` then draws these
+    # very maps (in bfloat16 or not) on any machine, whatever that machine's own `auto` would pick
+    settings = params.infer.model_copy(update={"amp": accelerated(params.infer.amp, device, precision=True)})
     noise_model_path = noise_from if noise_from != model else None
     reason = checkpoint.skipped_reason(ROOT / noise_model_path) if noise_model_path else None
     if reason is not None:  # normal-only data: train_gan_noise left a record instead of a generator

@@ -52,6 +52,7 @@ def test_every_method_writes_every_metrics_key(repo):
 
 def test_infer_records_the_calibration_chosen_on_val(repo):
     from anodiff import anomaly
+    from anodiff.config import accelerated
 
     for method in ("ddpm", "rddpm", "gan"):
         chosen = json.loads((repo / f"metrics/infer_{method}.json").read_text())
@@ -61,6 +62,8 @@ def test_infer_records_the_calibration_chosen_on_val(repo):
         assert anomaly.split_kind(chosen["score_calibration"])[0] in anomaly.CALIBRATED, method  # never self-standardised
         meta = json.loads((repo / f"data/maps/{method}/meta.json").read_text())
         assert meta["calibration"] == {"map": chosen["map_calibration"], "score": chosen["score_calibration"]}
+        # precision recorded as resolved on this machine (not `auto`): predict draws the same maps anywhere
+        assert meta["settings"]["amp"] is accelerated("auto", "cpu", precision=True)
         # every fused candidate was judged on val beside the reconstruction-only ones
         assert {"texture+memory", "mahalanobis+memory", "pixel"} <= set(meta["selection"])
         table = meta["selection"]  # every candidate's val figures; the winner has the best criterion
