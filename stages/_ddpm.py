@@ -1,5 +1,7 @@
-"""What pretrain_ddpm and train_robust_ddpm share: the same network, data, noise, seed and
-budget; only the loss differs, so `dvc metrics diff` between them isolates the loss."""
+"""The DDPM training that pretrain_ddpm and train_robust_ddpm share; only the loss differs.
+
+The same network, data, noise, seed and budget in both, so `dvc metrics diff` between them
+isolates the loss."""
 
 from __future__ import annotations
 

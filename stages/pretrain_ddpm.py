@@ -1,5 +1,7 @@
-"""pretrain_ddpm: the DDPM trained with the plain MSE loss (Ho et al. 2020) on the DDPM's
-unlabeled training set (normal images plus `data.contamination` hidden anomalous ones)."""
+"""pretrain_ddpm: train the DDPM with the plain MSE loss (Ho et al. 2020).
+
+It trains on the DDPM's unlabeled training set (normal images plus `data.contamination` hidden
+anomalous ones)."""
 
 from _common import ROOT, run_stage
 from _ddpm import train_stage

@@ -1,5 +1,7 @@
-"""train_robust_ddpm: the same DDPM, from scratch, same budget and data, trained with
-`robust.loss` (Huber or least trimmed squares, RDDPM) so hidden anomalies are not learned."""
+"""train_robust_ddpm: train the same DDPM with a robust loss (RDDPM), so hidden anomalies are not learned.
+
+From scratch, with the same budget and data as pretrain_ddpm, and `robust.loss` (Huber or least
+trimmed squares)."""
 
 from _common import ROOT, run_stage
 from _ddpm import train_stage

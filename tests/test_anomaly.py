@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from anodiff import anomaly
-from anodiff.detector import Detector, NoiseModel, image_generators, memory_format
+from anodiff.detector import Detector, NoiseModel, image_rngs, memory_format
 from anodiff.gan import state_checksum
 from conftest import infer_settings
 from anodiff.schedule import Schedule
@@ -341,7 +341,7 @@ def test_detector_maps_average_the_plan():
     maps, recon = det.raw_maps(x, torch.Generator().manual_seed(0), progress=False)
     # t_start=0: x_t = sqrt(abar_0) x + sqrt(1 - abar_0) n, and eps=0 gives x_hat = x_t / sqrt(abar_0)
     sched = Schedule(timesteps=10)
-    gens = image_generators(x, torch.Generator().manual_seed(0))  # each image's own noise stream
+    gens = image_rngs(x, torch.Generator().manual_seed(0))  # each image's own noise stream
     errs = []
     for _ in range(3):
         n = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens])

@@ -194,6 +194,9 @@ class Infer(Section):
 
 #: infer keys that are gone: what replaced them (an old params file or `-S` is told, not just refused)
 REMOVED_KEYS = {
+    "gan.lr_critic": "removed: it measured no gain on val; the critic takes gan.lr (CHANGELOG.md)",
+    "gan.spectral_norm": "removed: it measured no gain on val (CHANGELOG.md)",
+    "gan.ema_decay": "removed: it measured no gain on val (CHANGELOG.md)",
     "infer.t_starts": "folded into infer.t_start, which now takes a list of noise levels "
                       "(e.g. -S 'infer.t_start=[30,200]')",
     "infer.level_steps": "folded into infer.steps, which now takes a list, one entry per noise level "

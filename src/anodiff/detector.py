@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from anodiff import anomaly, checkpoint, config, noise
-from anodiff.runtime import (  # noqa: F401  (image_generators, NOISE_OFFSET: part of this module's API)
-    NOISE_OFFSET, autocast_dtype, image_generators, memory_format, noise_generator)
+from anodiff.runtime import (  # noqa: F401  (image_rngs, NOISE_OFFSET: part of this module's API)
+    NOISE_OFFSET, autocast_dtype, image_rngs, memory_format, noise_rng)
 from anodiff.config import Infer
 from anodiff.errors import CheckpointError
 from anodiff.noisegen import NoiseGenerator
@@ -140,7 +140,7 @@ class Detector:
     def noise_rng(seed: int) -> torch.Generator:
         """The torch random-number generator `infer` and `anodiff predict` both draw a map's noise
         from, for params `seed`."""
-        return noise_generator(seed)
+        return noise_rng(seed)
 
     def make_noise(self, x: torch.Tensor, rng, t: int | None = None) -> torch.Tensor:
         """The noise x is noised with at level t: the noise model's at its own level, whatever the
@@ -149,7 +149,7 @@ class Detector:
         one that adds no correction gives the `ddpm` method's maps bit for bit.
 
         `rng`: one torch.Generator for the batch, or a list of them, one per image (each image's
-        own stream: see `image_generators`)."""
+        own stream: see `image_rngs`)."""
         noise_model = self.noise_model
         own = noise_model is not None and (t is None or t == noise_model.t)
         if isinstance(rng, torch.Generator):
@@ -172,7 +172,7 @@ class Detector:
                  desc: str = "infer", only: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Smoothed, uncalibrated maps (N, T, H, W), one per noise level (each the mean over its
         noise draws), and the first reconstruction (N, C, H, W). Each image's noise comes from its
-        own stream, seeded by one draw of `rng` and its pixels (`image_generators`). `only`: just
+        own stream, seeded by one draw of `rng` and its pixels (`image_rngs`). `only`: just
         these levels (T of them, in plan order), as the GAN's model selection recomputes the noise
         model's level alone."""
         self.model.eval()
@@ -199,7 +199,7 @@ class Detector:
         if only is not None:
             plan = [p for p in plan if p[0] in only]
             levels = [t for t in levels if t in only]
-        streams = image_generators(images, rng)
+        streams = image_rngs(images, rng)
         for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress):
             x = images[start:start + bs].to(self.device, memory_format=layout or torch.preserve_format)
             rngs = streams[start:start + bs]

@@ -1,11 +1,13 @@
-"""Where and how the arithmetic runs, and where its random numbers come from: the device, mixed
-precision's dtype, the memory layout, and the seeded generators. One module, so that every stage,
+"""Where the arithmetic runs and where its random numbers come from: device, precision, layout, seeds.
+
+The device, mixed precision's dtype (and whether the CPU has native bfloat16), the memory layout,
+and the seeded random-number generators. One module, so that every stage,
 the library and `anodiff predict` pick the same device and draw the same numbers for the same
 params (predict reproduces infer's maps because both seed here).
 
 Streams: `seeded(seed, offset)` is the generator of params `seed` for one purpose; the offsets in
 use are 1 (the DDPMs' training), 2 (the GAN's training), 3 (PatchCore's coreset), 101 (the maps'
-noise: `noise_generator`), 103 and 104 (the GAN's model selection on val).
+noise: `noise_rng`), 103 and 104 (the GAN's model selection on val).
 """
 
 from __future__ import annotations
@@ -52,16 +54,16 @@ def seeded(seed: int, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + offset)
 
 
-def noise_generator(seed: int) -> torch.Generator:
-    """The generator `infer` and `anodiff predict` both draw a map's noise from, for params `seed`."""
+def noise_rng(seed: int) -> torch.Generator:
+    """The random-number generator `infer` and `anodiff predict` both draw a map's noise from, for params `seed`."""
     return seeded(seed, NOISE_OFFSET)
 
 
-def image_generators(images: torch.Tensor, generator: torch.Generator) -> list[torch.Generator]:
-    """One generator per image, seeded from one draw of `generator` and the image's own 8-bit
+def image_rngs(images: torch.Tensor, rng: torch.Generator) -> list[torch.Generator]:
+    """One random-number generator per image, seeded from one draw of `rng` and the image's own 8-bit
     pixels: an image gets the same noise whichever batch, position or call it comes in, so
     `anodiff predict` gives an image the very score `infer` gave it."""
-    base = int(torch.randint(2**62, (1,), generator=generator))
+    base = int(torch.randint(2**62, (1,), generator=rng))
     out = []
     for x in images:
         pixels = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
