@@ -11,10 +11,13 @@ In one run, on one machine, with params.yaml's defaults and ANODIFF_THREADS torc
   (the trained DDPM, the prepared images) are what the inference figures below use.
 - train_images_per_s: the real `train_ddpm` loop (first step excluded, as warm-up) on random
   images, with the params' precision (`train_amp`: bfloat16 autocast where `ddpm.amp` is on, as
-  `auto` is on a CPU with native bfloat16); bare_train_images_per_s: a bare loop over the same
-  network, batch and crops with everything made beforehand (forward, MSE, backward, clip, Adam),
-  always in float32: the yardstick of the units below, so that they do not move with a precision
-  setting; train_vs_bare_ratio (above 1: the real loop runs in bfloat16, faster than the yardstick).
+  `auto` is on a CPU with native bfloat16), against the bare loop in turn: train_vs_bare_ratio
+  (above 1: the real loop runs in bfloat16, faster than the yardstick).
+- bare_train_images_per_s: the yardstick of the units below, a bare loop over the same network,
+  batch and crops with everything made beforehand (forward, MSE, backward, clip, Adam), always in
+  float32 (so units do not move with a precision setting), timed alone at the start of the
+  benchmark and again at its end (`--yardstick-steps` each; _start and _end give both): the median
+  over both, since a small VM's speed drifts during a run.
 - repro_stage_seconds: each stage's own seconds in that `dvc repro` (metrics/timing/ of the clone;
   process start, imports and DVC are not in them: `other` is the rest of repro_seconds).
 - simplex_cost_fraction: one batch of simplex noise of the training shape, as a fraction of one
@@ -125,6 +128,43 @@ def repro(threads: int, keep: Path | None) -> tuple[dict, Path]:
 
 
 # ----------------------------------------------------------------------------- training
+def _unet(params):
+    ddpm = params.ddpm
+    torch.manual_seed(0)
+    return UNet(params.data.channels, ddpm.base_channels, list(ddpm.channel_mults), ddpm.num_res_blocks,
+                list(ddpm.attention_resolutions), params.data.image_size)
+
+
+def bare_loop(params, device):
+    """One step of the bare loop, the units' yardstick: the default network, batch and crop, float32
+    whatever the params' precision, its inputs made beforehand (forward, MSE, backward, clip, Adam)."""
+    ddpm, size = params.ddpm, params.data.image_size
+    batch, crop = ddpm.batch_size, ddpm.train_crop if ddpm.train_crop < size else 0
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, params.data.channels, size, size, generator=gen) * 2 - 1
+    schedule = Schedule.from_config(ddpm)
+    model = _unet(params).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=ddpm.lr)
+    x0 = (random_crop(images, crop, gen) if crop else images).to(device)
+    t = torch.randint(0, schedule.timesteps, (batch,), generator=gen).to(device)
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    x_t = schedule.to(device).add_noise(x0, eps, t)
+
+    def bare():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x_t, t), eps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ddpm.grad_clip)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return bare
+
+
+def yardstick(params, device, steps: int) -> list[float]:
+    """`steps` timed steps of the bare loop alone (after one warm-up step): seconds each."""
+    return seconds_each(bare_loop(params, device), steps)
+
+
 def training(params, device, steps: int, rounds: int = 3) -> dict:
     """The real loop and the bare one in turn, `rounds` times `steps` steps each: on a shared machine
     whose speed drifts, alternating keeps the drift out of their ratio (medians over all steps)."""
@@ -137,25 +177,9 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     amp, nhwc = accelerated(ddpm.amp, device, precision=True), accelerated(ddpm.channels_last, device)
 
     def unet():
-        torch.manual_seed(0)
-        return UNet(channels, ddpm.base_channels, list(ddpm.channel_mults), ddpm.num_res_blocks,
-                    list(ddpm.attention_resolutions), size)
+        return _unet(params)
 
-    # the bare loop: the same network and batch, inputs made beforehand
-    model = unet().to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=ddpm.lr)
-    x0 = (random_crop(images[:batch], crop, gen) if crop else images[:batch]).to(device)
-    t = torch.randint(0, schedule.timesteps, (batch,), generator=gen).to(device)
-    eps = torch.randn(x0.shape, generator=gen).to(device)
-    x_t = schedule.to(device).add_noise(x0, eps, t)
-
-    def bare():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x_t, t), eps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ddpm.grad_clip)
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    bare = bare_loop(params, device)
 
     real_times, bare_times = [], []
     for _ in range(rounds):
@@ -169,7 +193,7 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     shape = torch.zeros(batch, channels, crop or size, crop or size)  # one training batch
     simplex_kw = {**noise_kwargs("simplex", ddpm), "image_size": size}  # a crop's noise has the image's scale
     simplex_s = median_seconds(lambda: for_batch(shape, gen, kind="simplex", simplex_kw=simplex_kw), 5)
-    return {"train_images_per_s": round(batch / step_s, 2), "bare_train_images_per_s": round(batch / bare_s, 2),
+    return {"train_images_per_s": round(batch / step_s, 2),
             "train_vs_bare_ratio": round(bare_s / step_s, 3), "train_step_seconds": round(step_s, 4),
             "train_batch": batch, "train_crop": crop, "train_noise": ddpm.noise, "train_amp": amp,
             "simplex_batch_seconds": round(simplex_s, 5), "simplex_cost_fraction": round(simplex_s / step_s, 4)}
@@ -260,6 +284,8 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", type=Path, default=None, help="clone into this new folder and keep it")
     ap.add_argument("--train-steps", type=int, default=6, help="training steps timed a round (plus one warm-up)")
     ap.add_argument("--train-rounds", type=int, default=3, help="rounds of the real and the bare loop, in turn")
+    ap.add_argument("--yardstick-steps", type=int, default=30,
+                    help="bare-loop steps timed at the start and at the end for bare_train_images_per_s")
     ap.add_argument("--infer-images", type=int, default=32, help="test images for infer_maps_per_s")
     ap.add_argument("--chain-images", type=int, default=8, help="test images for the full-chain comparison")
     ap.add_argument("--eval-maps", type=int, default=500)
@@ -272,6 +298,9 @@ def main(argv=None) -> None:
     out = {"device": str(device), "torch": torch.__version__, "torch_threads": threads, "cpu_count": os.cpu_count(),
            "cpu": platform.processor() or platform.machine(), "commit": _head()}
     started = time.perf_counter()
+    # the yardstick at the start and at the end: a 2-core VM's speed drifts by 10-30 % from minute to
+    # minute, so the rate the whole run's seconds are multiplied by is the median over both
+    start = yardstick(params, device, args.yardstick_steps)
     repo = ROOT
     if not args.no_repro:
         figures, repo = repro(threads, args.keep)
@@ -281,6 +310,11 @@ def main(argv=None) -> None:
     out.update(evaluation(args.eval_maps, args.eval_size))
     if repo != ROOT and args.keep is None:
         shutil.rmtree(repo, ignore_errors=True)
+    end = yardstick(params, device, args.yardstick_steps)
+    batch = params.ddpm.batch_size
+    out.update(bare_train_images_per_s=round(batch / statistics.median(start + end), 2),
+               bare_train_images_per_s_start=round(batch / statistics.median(start), 2),
+               bare_train_images_per_s_end=round(batch / statistics.median(end), 2))
     out["bench_seconds"] = round(time.perf_counter() - started, 1)
     out.update(units(out))
     out["goals"] = verdicts(out)
