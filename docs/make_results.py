@@ -393,6 +393,8 @@ def speed_md() -> tuple[str, list[Path]]:
             value = r.get(key)
             if value is None:
                 cells.append("-")
+            elif isinstance(value, bool):
+                cells.append("yes" if value else "no")
             elif key == "bench_units" and r.get("repro_seconds") is None:
                 cells.append(fmt.format(value) + " (without the repro: no verdict)")
             else:
