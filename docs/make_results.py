@@ -174,8 +174,15 @@ def readme_speed() -> str:
     met = b["repro_units"] <= goal if op == "<=" else b["repro_units"] >= goal
     return (f"\nSpeed (`bench/bench.json`, {b.get('cpu_count')} cores, {b.get('torch_threads')} threads): the default "
             f"`dvc repro` cost {b['repro_units']:,} units, {b['repro_seconds']:,.0f} s x {b['bare_train_images_per_s']:.1f} "
-            f"images/s of the float32 bare training loop (goal {op} {goal:,}: {'met' if met else 'missed'}); "
-            "per stage in [docs/results/speed.md](docs/results/speed.md).\n")
+            f"images/s of the float32 bare training loop (goal {op} {goal:,}: {'met' if met else 'missed'})"
+            + _largest_stages(b) + "; per stage in [docs/results/speed.md](docs/results/speed.md).\n")
+
+
+def _largest_stages(b: dict) -> str:
+    """', most of it <stage> (N) and <stage> (M)': the two stages that cost the most units."""
+    units = {k: v for k, v in (b.get("repro_stage_units") or {}).items() if k != "other"}
+    top = sorted(units, key=units.get, reverse=True)[:2]
+    return (", most of it " + " and ".join(f"`{k}` ({units[k]:,})" for k in top)) if top else ""
 
 
 def readme_text(current: str) -> str:
