@@ -175,15 +175,11 @@ def training(params, device, steps: int, rounds: int = 3) -> dict:
     schedule = Schedule.from_config(ddpm)
     kw = noise_kwargs(ddpm.noise, ddpm)
     amp, nhwc = accelerated(ddpm.amp, device, precision=True), accelerated(ddpm.channels_last, device)
-
-    def unet():
-        return _unet(params)
-
     bare = bare_loop(params, device)
 
     real_times, bare_times = [], []
     for _ in range(rounds):
-        res = train_ddpm(unet(), schedule, images, loss="mse", noise=ddpm.noise, noise_kw=kw, generator=gen,
+        res = train_ddpm(_unet(params), schedule, images, loss="mse", noise=ddpm.noise, noise_kw=kw, generator=gen,
                          epochs=1, batch_size=batch, lr=ddpm.lr, grad_clip=ddpm.grad_clip, ema_decay=ddpm.ema_decay,
                          train_crop=crop, device=device, stage_name="bench", progress=False, amp=amp,
                          channels_last=nhwc, lr_schedule=ddpm.lr_schedule)
