@@ -26,7 +26,7 @@ setup() {
       || { echo "error: installing requirements.txt into $VENV failed" >&2; exit 1; }
     echo "$want" > "$stamp"
   fi
-  export PATH="$PWD/$VENV/bin:$PATH"
+  case "$VENV" in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
 }
 
 cmd=${1:-}

@@ -8,6 +8,7 @@ already runs the pipeline on the tiny profile.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -237,3 +238,15 @@ def test_baseline_revision_holds_the_baseline_and_leaves_the_work_tree_alone(tmp
     assert shown == (ROOT / ".ci/baseline/metrics/ddpm.json").read_text()
     assert (tmp_path / "metrics/ddpm.json").read_text() == "{}"
     assert sh("git", "status", "--porcelain", cwd=tmp_path).stdout == ""
+
+
+def test_run_sh_takes_an_absolute_venv_path():
+    """ANODIFF_VENV=/abs/path: run.sh puts that venv's bin on PATH (not $PWD/abs/path)."""
+    venv = Path(sys.prefix).resolve()
+    if not (venv / "bin" / "pytest").exists():
+        pytest.skip("the suite does not run from a virtual environment with pytest")
+    # PATH without the venv: run.sh alone must find it
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.startswith(str(venv)))
+    done = subprocess.run(["./run.sh", "test", "-q", "--collect-only", "tests/test_packaging.py"], cwd=ROOT,
+                          env={**os.environ, "ANODIFF_VENV": str(venv), "PATH": path}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
