@@ -14,7 +14,7 @@ JSON), then run this.
   them, and the row count of `experiments/results/grid_<data>.json`.
 - docs/results/speed.md: `bench/bench.json` and `experiments/results/bench_before_bf16.json` (repro_units and
   bench_units computed as seconds x bare_train_images_per_s where a file lacks them; the goals are
-  `GOALS` in `bench/bench.py`), and `metrics/timing/summary.md`.
+  `GOALS` in `bench/bench.py`).
 - docs/results/embedded.md: the embedded default run, `metrics/summary.md` and
   `metrics/infer_<method>.json`.
 - docs/results/features.md: `experiments/results/ddad_adapt_*.json` and the tissue runs
@@ -413,11 +413,10 @@ def speed_md() -> tuple[str, list[Path]]:
     text = ("`python bench/bench.py` ([what each figure measures, and why time goals are in units]"
             "(../performance.md)): units = seconds x `bare_train_images_per_s` of the same run. A file without "
             "`dvc repro` (`--no-repro`) has no repro figures.\n\n" + "\n".join(lines) + "\n" + stage_units(files, runs))
-    timing = ROOT / "metrics/timing/summary.md"
-    if timing.exists():
-        sources.append(timing)
-        text += ("\n## The embedded run's stages\n\n`metrics/timing/summary.md`, written by the `report` stage of "
-                 "the committed `dvc repro`:\n\n" + _without_title(timing.read_text()))
+    # not the embedded run's metrics/timing/: every `dvc repro` rewrites its seconds, so a page made
+    # from it would go stale on the user's first run (the benchmark's repro_stage_seconds are above)
+    text += ("\nEach `dvc repro` also writes its own stages' seconds to `metrics/timing/<stage>.json`, and "
+             "`metrics/timing/summary.md` adds them up per method (run-to-run figures, so not on this page).\n")
     return _head("Speed and memory", sources) + text, sources
 
 
@@ -496,7 +495,7 @@ def outputs() -> dict[Path, str]:
     pages = {"realphoto.md": ("the real-photo benchmark, every method; diffusion against `patchcore`; "
                               "the goals; per defect family", realphoto_md),
              "grid.md": ("the methods' claims (robust loss, simplex noise) as a grid of experiments", grid_md),
-             "speed.md": ("speed and memory (`bench/bench.py`), the embedded run's stage seconds", speed_md),
+             "speed.md": ("speed and memory (`bench/bench.py`), each stage's cost in units", speed_md),
              "embedded.md": ("the embedded marble's default run, every method", embedded_md),
              "features.md": ("DDAD's feature-space error, with and without domain adaptation, against "
                              "the pixel error", features_md)}

@@ -143,3 +143,13 @@ def test_figure_pattern_targets_metric_figures_not_params():
     assert not FIGURE.search("data.contamination 0.1, val_fraction 0.25, quantile 0.99")
     assert not FIGURE.search("version 10.0.123") and not FIGURE.search("x0.9-1.1")
     assert not NOT_RESULTS[0].sub("", "dvc exp run -S gan.lr=0.0005").count("0.0005")
+
+
+def test_no_generated_page_reads_what_every_run_rewrites():
+    """A page made from metrics/timing/ (seconds, rewritten by every `dvc repro`) would make this
+    suite fail right after a user's own `./run.sh repro`; the quality metrics are byte-stable."""
+    make_results = _make_results()
+    for make in (make_results.realphoto_md, make_results.grid_md, make_results.speed_md,
+                 make_results.embedded_md, make_results.features_md):
+        sources = make()[1]
+        assert not any("metrics/timing" in Path(p).as_posix() for p in sources), make.__name__
